@@ -1,0 +1,1 @@
+"""Experiment configurations (ml_collections); `default.py` defines every field."""

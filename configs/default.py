@@ -1,0 +1,137 @@
+"""Base configuration: every field the code reads is defined here.
+
+Experiment configs import this module, call `get_config()` and override a few fields.
+Load any config with `--config=configs/NAME.py[:ARG]`; override single fields with
+`--config.section.field=value`. The configs are locked, so a misspelt override fails.
+
+The argument string may contain `runlocal`, which shrinks the run to a smoke test that
+finishes in seconds on a laptop CPU.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """Returns the base configuration (a small U-Net on the synthetic `shapes` data)."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    # --- Model (fcn_unet_jax.models.build_model reads this section only) ---
+    config.model = ml_collections.ConfigDict()
+    config.model.name = 'unet'  # A key of fcn_unet_jax.models.MODELS.
+    config.model.num_classes = 4
+    config.model.input_channels = 3
+    config.model.dtype = 'float32'  # Compute dtype; parameters are always float32.
+    config.model.width = 1.0  # Channel multiplier; 1.0 = the paper's widths.
+    # Skip ablations. `skip_strides`: encoder output strides that feed the decoder; None =
+    # the named model's paper default (e.g. (16, 8) for FCN-8s). `merge`: 'sum', 'concat'
+    # or 'none' (no skips at all); None = the family's paper default (FCN: sum, U-Net: concat).
+    config.model.skip_strides = ml_collections.config_dict.placeholder(tuple)
+    config.model.merge = ml_collections.config_dict.placeholder(str)
+    config.model.dropout_rate = ml_collections.config_dict.placeholder(float)  # None = paper.
+    # FCN (VGG16): whether the intermediate (x2) upsamplers are learnable; the final one is
+    # always frozen as in the reference implementation.
+    config.model.learnable_upsampling = False
+    # torchvision FCN-ResNet: auxiliary FCNHead on layer3.
+    config.model.aux_head = False
+    # ResNet encoder variant: 'torchvision' (stride in the 3x3 conv, bias-free convs) or
+    # 'caffe' (stride in the first 1x1 conv, convs with bias; Keras Applications' ResNet50).
+    config.model.resnet_variant = 'torchvision'
+    # Classic U-Net: 'VALID' (the paper: 572 -> 388) or 'SAME' (output = input size).
+    config.model.padding = 'SAME'
+    config.model.batch_norm = False
+    # U-Net decoders on ResNet/VGG encoders (segmentation_models_pytorch's layout).
+    config.model.decoder_channels = (256, 128, 64, 32, 16)
+    # Rematerialise encoder/decoder blocks in the backward pass (saves memory on big crops).
+    config.model.remat = False
+
+    # --- Dataset (tfds builder and splits) ---
+    config.dataset = ml_collections.ConfigDict()
+    config.dataset.name = 'shapes'  # tfds name, optionally with '/config' (voc_segmentation/sbd).
+    config.dataset.data_dir = ml_collections.config_dict.placeholder(str)  # tfds data_dir.
+    config.dataset.manual_dir = ml_collections.config_dict.placeholder(str)  # Archives.
+    config.dataset.train_split = 'train'
+    config.dataset.eval_split = 'validation'
+    config.dataset.ignore_label = 255
+    # `folder` dataset only: the user's root folder and the validation fraction used when no
+    # split lists are given.
+    config.dataset.folder_root = ml_collections.config_dict.placeholder(str)
+    config.dataset.folder_val_fraction = 0.1
+
+    # --- Input pipeline (tf.data) ---
+    config.input = ml_collections.ConfigDict()
+    config.input.crop_size = (128, 128)  # (height, width) of training crops.
+    config.input.scale_range = (0.5, 2.0)  # Random rescale factors before cropping.
+    config.input.hflip = True
+    config.input.color_jitter = 0.0  # Strength of photometric jitter; 0 disables it.
+    config.input.elastic = False  # U-Net elastic deformation (3x3 grid, 10 px std, cubic).
+    config.input.elastic_grid = 3
+    config.input.elastic_sigma = 10.0
+    # 'imagenet' (mean/std), 'fcn_bgr' (Caffe BGR mean subtraction), 'unit' ([0, 1]) or
+    # 'auto' (chosen from the model family).
+    config.input.normalization = 'auto'
+    # U-Net border weight map computed in the pipeline: w_c + w0 exp(-(d1+d2)^2 / 2 sigma^2).
+    config.input.border_weights = False
+    config.input.border_w0 = 10.0
+    config.input.border_sigma = 5.0
+    config.input.shuffle_buffer = 1024
+    config.input.prefetch = 2
+
+    config.batch_size = 8  # Global batch size, independent of the number of devices.
+    config.eval_batch_size = 8  # Global eval batch size.
+
+    # --- Loss ---
+    config.loss = ml_collections.ConfigDict()
+    config.loss.name = 'cross_entropy'  # 'cross_entropy', 'dice' or 'cross_entropy+dice'.
+    config.loss.normalization = 'mean'  # 'mean' over valid pixels, or the FCN's 'sum'.
+    config.loss.class_weights = ml_collections.config_dict.placeholder(tuple)
+    config.loss.dice_weight = 1.0  # Weight of the Dice term in 'cross_entropy+dice'.
+    config.loss.aux_weight = 0.5  # torchvision's auxiliary loss weight.
+
+    # --- Optimiser ---
+    config.optimizer = ml_collections.ConfigDict()
+    config.optimizer.name = 'adamw'  # 'sgd', 'adam' or 'adamw'.
+    config.optimizer.learning_rate = 1e-3
+    config.optimizer.schedule = 'cosine'  # 'constant', 'poly' or 'cosine'.
+    config.optimizer.poly_power = 0.9
+    config.optimizer.warmup_steps = 0
+    config.optimizer.momentum = 0.9
+    config.optimizer.nesterov = False
+    config.optimizer.weight_decay = 1e-4
+    config.optimizer.bias_lr_multiplier = 1.0  # FCN: 2.0.
+    config.optimizer.bias_weight_decay = False  # FCN: no weight decay on biases.
+    config.optimizer.grad_clip_norm = ml_collections.config_dict.placeholder(float)
+
+    # --- Training schedule ---
+    config.num_train_steps = 1000
+    config.log_every_steps = 50
+    config.eval_every_steps = 500
+    config.checkpoint_every_steps = 500
+    config.keep_checkpoints = 3
+    # Initialisation: a converted pretrained checkpoint (fcn_unet_jax.checkpoints), or the
+    # workdir of a previous run (FCN staging 32s -> 16s -> 8s).
+    config.init_from = ml_collections.config_dict.placeholder(str)
+
+    # --- Evaluation / inference ---
+    config.eval = ml_collections.ConfigDict()
+    config.eval.mode = 'whole'  # 'whole' or 'sliding'.
+    config.eval.window_size = ml_collections.config_dict.placeholder(tuple)
+    config.eval.window_overlap = 0.25
+    config.eval.flip = False
+    config.eval.scales = (1.0,)
+
+    if arg and 'runlocal' in arg.split(','):
+        apply_runlocal(config)
+    return config
+
+
+def apply_runlocal(config: ml_collections.ConfigDict) -> None:
+    """Shrinks `config` in place to a smoke run (tiny widths, a few steps, small crops)."""
+    config.model.width = 0.125
+    config.input.crop_size = (64, 64)
+    config.batch_size = 2
+    config.eval_batch_size = 2
+    config.num_train_steps = 4
+    config.log_every_steps = 2
+    config.eval_every_steps = 4
+    config.checkpoint_every_steps = 4
