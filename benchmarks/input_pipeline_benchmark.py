@@ -1,0 +1,107 @@
+"""Throughput of the training input pipeline (examples/s) on VOC-like data.
+
+Generates a `folder` dataset of JPEG images (about 500 x 375, VOC's typical size, with
+smooth random content) and grayscale index PNG masks in a temporary directory, prepares
+it in the array_record format, and times `create_train_iterator` at each crop size, with
+and without the elastic deformation (and optionally the border weight map). Prints a
+Markdown table.
+
+    python -m benchmarks.input_pipeline_benchmark [--crop_sizes=320,512] [--steps=20]
+"""
+
+import os
+import tempfile
+import time
+
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import app, flags
+from PIL import Image
+
+from configs import default
+from fcn_unet_jax.data import builders, input_pipeline
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer('num_images', 120, 'Images in the generated dataset.')
+flags.DEFINE_list('crop_sizes', ['320', '512'], 'Square crop sizes to time.')
+flags.DEFINE_integer('batch_size', 8, 'Global batch size (one process).')
+flags.DEFINE_integer('steps', 20, 'Timed steps per configuration (after 3 warm-up steps).')
+flags.DEFINE_bool('border_weights', False, 'Also time the border weight map.')
+flags.DEFINE_string('workdir', None, 'Where to write the data; default: a temporary folder.')
+
+_NUM_CLASSES = 21
+
+
+def _write_folder_dataset(root: str, num_images: int) -> None:
+    """Writes `images/*.jpg` and `masks/*.png` with VOC-like sizes and label statistics."""
+    rng = np.random.default_rng(0)
+    os.makedirs(os.path.join(root, 'images'), exist_ok=True)
+    os.makedirs(os.path.join(root, 'masks'), exist_ok=True)
+    for i in range(num_images):
+        height, width = (375, 500) if rng.random() < 0.7 else (500, 375)
+        coarse = rng.uniform(0, 255, size=(6, 8, 3)).astype(np.uint8)
+        image = Image.fromarray(coarse).resize((width, height), Image.BICUBIC)
+        noise = rng.normal(0, 8, size=(height, width, 3))
+        pixels = np.clip(np.asarray(image, np.float64) + noise, 0, 255).astype(np.uint8)
+        mask = np.zeros((height, width), np.uint8)
+        for _ in range(rng.integers(1, 4)):
+            top, left = rng.integers(0, height - 60), rng.integers(0, width - 60)
+            bottom = top + rng.integers(40, height - top)
+            right = left + rng.integers(40, width - left)
+            mask[top:bottom, left:right] = rng.integers(1, _NUM_CLASSES)
+            # VOC draws a 255 (ignore) outline around objects.
+            mask[top:bottom, [left, right - 1]] = 255
+            mask[[top, bottom - 1], left:right] = 255
+        Image.fromarray(pixels).save(os.path.join(root, 'images', f'{i:05d}.jpg'), quality=90)
+        Image.fromarray(mask).save(os.path.join(root, 'masks', f'{i:05d}.png'))
+
+
+def _examples_per_second(config, steps: int) -> float:
+    iterator = input_pipeline.create_train_iterator(config)
+    for _ in range(3):
+        next(iterator)
+    start = time.perf_counter()
+    for _ in range(steps):
+        next(iterator)
+    return steps * config.batch_size / (time.perf_counter() - start)
+
+
+def main(argv):
+    del argv
+    workdir = FLAGS.workdir or tempfile.mkdtemp(prefix='input_pipeline_benchmark_')
+    root = os.path.join(workdir, 'voc_like')
+    if not os.path.isdir(root):
+        _write_folder_dataset(root, FLAGS.num_images)
+    config = default.get_config()
+    config.dataset.name = 'folder'
+    config.dataset.folder_root = root
+    config.dataset.data_dir = os.path.join(workdir, 'tfds')
+    config.batch_size = FLAGS.batch_size
+    config.model.name = 'fcn8s_vgg16'
+    config.model.num_classes = _NUM_CLASSES
+    builders.get_builder(config.dataset).download_and_prepare(
+        file_format='array_record',
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False),
+    )
+
+    variants = [('no', False), ('yes', True)]
+    rows = []
+    for crop in (int(c) for c in FLAGS.crop_sizes):
+        for elastic_name, elastic in variants:
+            config.input.crop_size = (crop, crop)
+            config.input.elastic = elastic
+            config.input.border_weights = FLAGS.border_weights
+            rate = _examples_per_second(config, FLAGS.steps)
+            rows.append(f'| {crop} | {elastic_name} | {FLAGS.border_weights} | {rate:.1f} |')
+
+    print(
+        f'\n{FLAGS.num_images} JPEGs of ~500x375, batch {FLAGS.batch_size}, {os.cpu_count()} CPUs'
+    )
+    print('scale (0.5, 2.0), hflip, no colour jitter, FCN BGR normalisation\n')
+    print('| crop | elastic | border weights | examples/s |')
+    print('| ---: | :---: | :---: | ---: |')
+    print('\n'.join(rows))
+
+
+if __name__ == '__main__':
+    app.run(main)
