@@ -1,0 +1,1 @@
+"""Data: tfds builders (`builders`), the tf.data input pipeline and joint image/mask ops."""

@@ -1,0 +1,80 @@
+"""Tests of the synthetic `shapes` builder and of `get_builder` / `prepare` on it."""
+
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+
+from fcn_unet_jax.data import builders
+from fcn_unet_jax.data.builders import shapes
+
+_TINY = shapes.ShapesConfig(name='tiny_test', image_size=32, num_train=40, num_validation=8)
+
+
+def _build(data_dir) -> dict[str, list[dict]]:
+    builder = shapes.Shapes(config=_TINY, data_dir=str(data_dir))
+    builder.download_and_prepare()
+    return {split: list(tfds.as_numpy(builder.as_dataset(split))) for split in builder.info.splits}
+
+
+def test_generation_is_a_function_of_the_index():
+    forward = [shapes.generate_example(i, 'train', 48) for i in range(6)]
+    backward = [shapes.generate_example(i, 'train', 48) for i in reversed(range(6))][::-1]
+    for (image_a, mask_a), (image_b, mask_b) in zip(forward, backward, strict=True):
+        np.testing.assert_array_equal(image_a, image_b)
+        np.testing.assert_array_equal(mask_a, mask_b)
+    assert not np.array_equal(forward[0][0], forward[1][0])
+    # Splits draw from different streams: validation example 0 is not train example 0.
+    assert not np.array_equal(forward[0][0], shapes.generate_example(0, 'validation', 48)[0])
+
+
+def test_class_hues_colour_each_class():
+    def dominant_channel_shares(class_hues: bool) -> np.ndarray:
+        # Per class, the share of pixels whose strongest channel is R, G, B.
+        counts = np.zeros((4, 3))
+        for i in range(30):
+            image, mask = shapes.generate_example(i, 'train', 48, class_hues)
+            for label in range(1, 4):
+                strongest = image[mask == label].astype(int).argmax(axis=-1)
+                counts[label] += np.bincount(strongest, minlength=3)
+        return counts[1:] / counts[1:].sum(axis=1, keepdims=True)
+
+    # Circles red, rectangles green, triangles blue: mostly the dominant channel.
+    assert (np.diag(dominant_channel_shares(True)) > 0.8).all()
+    assert (np.diag(dominant_channel_shares(False)) < 0.6).all()
+
+
+def test_build_is_deterministic_with_expected_splits_and_labels(tmp_path):
+    first = _build(tmp_path / 'a')
+    second = _build(tmp_path / 'b')
+    assert {split: len(examples) for split, examples in first.items()} == {
+        'train': 40,
+        'validation': 8,
+    }
+    for split, examples in first.items():
+        by_name = {e['file_name']: e for e in second[split]}
+        for example in examples:
+            other = by_name[example['file_name']]
+            np.testing.assert_array_equal(example['image'], other['image'])
+            np.testing.assert_array_equal(example['segmentation_mask'], other['segmentation_mask'])
+    masks = np.stack([e['segmentation_mask'] for e in first['train']])
+    assert masks.shape == (40, 32, 32, 1)
+    assert masks.max() < len(shapes.CLASS_NAMES)
+    np.testing.assert_array_equal(np.unique(masks), np.arange(len(shapes.CLASS_NAMES)))
+    images = np.stack([e['image'] for e in first['train']])
+    assert images.shape == (40, 32, 32, 3) and images.dtype == np.uint8
+
+
+def test_get_builder_resolves_configs_and_metadata(tmp_path):
+    config = ml_collections.ConfigDict(
+        {'name': 'shapes/small', 'data_dir': str(tmp_path), 'manual_dir': None}
+    )
+    builder = builders.get_builder(config)
+    assert builder.builder_config.image_size == 64
+    metadata = builder.info.metadata
+    assert metadata['class_names'] == ['background', 'circle', 'rectangle', 'triangle']
+    assert len(metadata['palette']) == 4 and metadata['ignore_label'] == 255
+    # The registered default config matches config.model.num_classes and the documented size.
+    default = tfds.builder('shapes', data_dir=str(tmp_path)).builder_config
+    assert (default.image_size, default.num_train, default.num_validation) == (128, 2000, 200)
+    assert default.class_hues
+    assert not tfds.builder('shapes/hard', data_dir=str(tmp_path)).builder_config.class_hues
