@@ -10,6 +10,9 @@ data_dir=...)` works afterwards:
   from archives in the manual dir.
 * `cityscapes_trainids`: Cityscapes fine annotations as the 19 train ids, from the
   archives in the manual dir.
+* `volumes`: 2D slices of a user's NIfTI / DICOM volumes and NIfTI label volumes; its
+  config is built at run time from `config.dataset.volume_root` (see
+  `volumes.config_from_dataset`).
 
 Every builder yields the features of `common.features()` (`image`, `segmentation_mask`,
 `file_name`) and stores `class_names`, `palette` and `ignore_label` in `info.metadata`.
@@ -28,6 +31,7 @@ from fcn_unet_jax.data.builders import (
     manual,
     shapes,
     voc_segmentation,
+    volumes,
 )
 
 FILE_FORMAT = 'array_record'
@@ -42,6 +46,7 @@ __all__ = [
     'prepare',
     'shapes',
     'voc_segmentation',
+    'volumes',
 ]
 
 
@@ -51,13 +56,14 @@ def get_builder(dataset_config: ml_collections.ConfigDict) -> tfds.core.DatasetB
     Args:
       dataset_config: `config.dataset`; reads `name` (`builder` or `builder/config`),
         `data_dir` (None: tfds' default) and, for `folder`, `folder_root` and
-        `folder_val_fraction`.
+        `folder_val_fraction`; for `volumes`, `volume_root` and the other fields that
+        `volumes.config_from_dataset` reads.
 
     Returns:
       The builder; call `prepare` (or `download_and_prepare`) before reading from it.
 
     Raises:
-      ValueError: `folder` without `folder_root`.
+      ValueError: `folder` without `folder_root`, `volumes` without `volume_root`.
     """
     if dataset_config.name == 'folder':
         if not dataset_config.folder_root:
@@ -67,6 +73,12 @@ def get_builder(dataset_config: ml_collections.ConfigDict) -> tfds.core.DatasetB
         )
         return folder.Folder(
             config=config, data_dir=dataset_config.data_dir, file_format=FILE_FORMAT
+        )
+    if dataset_config.name == 'volumes':
+        return volumes.Volumes(
+            config=volumes.config_from_dataset(dataset_config),
+            data_dir=dataset_config.data_dir,
+            file_format=FILE_FORMAT,
         )
     return tfds.builder(
         dataset_config.name, data_dir=dataset_config.data_dir, file_format=FILE_FORMAT
