@@ -47,7 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # --- Dataset (tfds builder and splits) ---
     config.dataset = ml_collections.ConfigDict()
-    config.dataset.name = 'shapes'  # tfds name, optionally with '/config' (voc_segmentation/sbd).
+    config.dataset.name = 'shapes'  # tfds name, optionally with '/config' (voc_segmentation/sbd_fcn).
     config.dataset.data_dir = ml_collections.config_dict.placeholder(str)  # tfds data_dir.
     config.dataset.manual_dir = ml_collections.config_dict.placeholder(str)  # Archives.
     config.dataset.train_split = 'train'
@@ -57,6 +57,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # split lists are given.
     config.dataset.folder_root = ml_collections.config_dict.placeholder(str)
     config.dataset.folder_val_fraction = 0.1
+    # `volumes` dataset only: 2D slices of NIfTI / DICOM volumes with NIfTI label volumes.
+    config.dataset.volume_root = ml_collections.config_dict.placeholder(str)  # images/, labels/.
+    config.dataset.volume_val_fraction = 0.2  # Cases (never slices) to validation without splits/.
+    config.dataset.slice_axis = 2  # Canonical RAS+ axis: 0 sagittal, 1 coronal, 2 axial.
+    config.dataset.skip_empty_slices = False  # Leave out slices whose label has no foreground.
+    config.dataset.intensity = 'percentile_zscore'  # 'ct_window', 'percentile_zscore' or 'none'.
+    config.dataset.ct_window = (40.0, 400.0)  # (level, width) in HU, for 'ct_window'.
+    config.dataset.percentiles = (0.5, 99.5)  # Per-volume clip percentiles, 'percentile_zscore'.
 
     # --- Input pipeline (tf.data) ---
     config.input = ml_collections.ConfigDict()
@@ -74,7 +82,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.input.border_weights = False
     config.input.border_w0 = 10.0
     config.input.border_sigma = 5.0
-    config.input.shuffle_buffer = 1024
+    # Eval batches are padded (never resized) to this static (height, width); None = the
+    # split's largest image size rounded up to a multiple of 32.
+    config.input.eval_pad_size = ml_collections.config_dict.placeholder(tuple)
     config.input.prefetch = 2
 
     config.batch_size = 8  # Global batch size, independent of the number of devices.
@@ -101,6 +111,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optimizer.bias_lr_multiplier = 1.0  # FCN: 2.0.
     config.optimizer.bias_weight_decay = False  # FCN: no weight decay on biases.
     config.optimizer.grad_clip_norm = ml_collections.config_dict.placeholder(float)
+    # Regexes on '/'-joined parameter paths (e.g. 'encoder/'); matching params never change.
+    config.optimizer.frozen_params = ()
 
     # --- Training schedule ---
     config.num_train_steps = 1000
