@@ -1,0 +1,282 @@
+"""Model registry: `build_model(config.model)` and one `MODELS` line per model name.
+
+Each `ModelInfo` is the constructor of one name (call it with the model config) and
+carries the facts the README table needs: the paper, the output stride (the coarsest
+resolution at which the final prediction is formed) and the available skip strides.
+Config values are validated here, with errors that name the field and the allowed values.
+"""
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from fcn_unet_jax.models import fcn, unet
+from fcn_unet_jax.models.layers import DTYPES
+from fcn_unet_jax.models.resnet import RESNET_VARIANTS
+
+MERGES = ('sum', 'concat', 'none')
+PADDINGS = ('VALID', 'SAME')
+
+FCN_PAPER = (
+    'Long, Shelhamer, Darrell. Fully Convolutional Networks for Semantic Segmentation (2015)'
+)
+TORCHVISION_FCN = 'torchvision fcn_resnet (FCN head on a dilated ResNet, He et al. 2016)'
+UNET_PAPER = 'Ronneberger, Fischer, Brox. U-Net (2015)'
+SMP_UNET = 'U-Net decoder (Ronneberger et al. 2015), segmentation_models_pytorch layout'
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """Constructor and facts of one registered model.
+
+    Attributes:
+      build: `build(model_config, skip_strides, merge) -> nn.Module`, called with
+        validated, resolved skip settings.
+      paper: the paper (or reference implementation) the model follows.
+      output_stride: stride of the coarsest map the final prediction is formed at.
+      family: 'fcn' (default merge 'sum') or 'unet' (default merge 'concat').
+      skip_strides: encoder strides that can feed the decoder.
+      default_skip_strides: the paper's skips (used when `skip_strides` is None).
+    """
+
+    build: Callable[[ml_collections.ConfigDict, tuple[int, ...], str], nn.Module]
+    paper: str
+    output_stride: int
+    family: str
+    skip_strides: tuple[int, ...]
+    default_skip_strides: tuple[int, ...]
+
+    def __call__(self, model_config: ml_collections.ConfigDict) -> nn.Module:
+        """Validates `model_config` and builds the module."""
+        _validate_common(model_config)
+        merge = model_config.merge
+        if merge is None:
+            merge = 'sum' if self.family == 'fcn' else 'concat'
+        strides = model_config.skip_strides
+        if strides is None:
+            strides = () if merge == 'none' else self.default_skip_strides
+        strides = tuple(strides)
+        bad = [s for s in strides if s not in self.skip_strides]
+        if bad or len(set(strides)) != len(strides):
+            raise ValueError(
+                f'config.model.skip_strides for {model_config.name!r} must be distinct values '
+                f'from {self.skip_strides}, got {strides}.'
+            )
+        if merge == 'none' and strides:
+            raise ValueError(
+                f"config.model.merge='none' means no skips, but config.model.skip_strides is "
+                f'{strides}; set skip_strides to None or ().'
+            )
+        return self.build(model_config, strides, merge)
+
+
+def _validate_common(c: ml_collections.ConfigDict) -> None:
+    def check(ok: bool, field: str, allowed: str) -> None:
+        if not ok:
+            raise ValueError(f'config.model.{field} must be {allowed}, got {c[field]!r}.')
+
+    check(c.dtype in DTYPES, 'dtype', f'one of {sorted(DTYPES)}')
+    check(isinstance(c.width, int | float) and c.width > 0, 'width', 'a number > 0')
+    check(isinstance(c.num_classes, int) and c.num_classes >= 1, 'num_classes', 'an int >= 1')
+    check(
+        isinstance(c.input_channels, int) and c.input_channels >= 1,
+        'input_channels',
+        'an int >= 1',
+    )
+    check(c.merge is None or c.merge in MERGES, 'merge', f'None or one of {MERGES}')
+    check(c.padding in PADDINGS, 'padding', f'one of {PADDINGS}')
+    check(c.resnet_variant in RESNET_VARIANTS, 'resnet_variant', f'one of {RESNET_VARIANTS}')
+    check(
+        c.dropout_rate is None or 0.0 <= c.dropout_rate < 1.0,
+        'dropout_rate',
+        'None (paper default) or in [0, 1)',
+    )
+    check(
+        len(c.decoder_channels) == 5 and all(int(v) >= 1 for v in c.decoder_channels),
+        'decoder_channels',
+        'five positive ints (one per decoder block)',
+    )
+
+
+def _common(c: ml_collections.ConfigDict) -> dict[str, Any]:
+    return {
+        'num_classes': c.num_classes,
+        'input_channels': c.input_channels,
+        'width': float(c.width),
+        'dtype': c.dtype,
+        'remat': c.remat,
+    }
+
+
+def _dropout(c: ml_collections.ConfigDict, paper_default: float) -> float:
+    return paper_default if c.dropout_rate is None else float(c.dropout_rate)
+
+
+def _fcn_vgg(c, skip_strides, merge, *, at_once=False):
+    return fcn.FCNVGG(
+        skip_strides=skip_strides,
+        merge=merge,
+        at_once=at_once,
+        learnable_upsampling=c.learnable_upsampling,
+        dropout_rate=_dropout(c, 0.5),
+        **_common(c),
+    )
+
+
+def _fcn_resnet(c, skip_strides, merge, *, depth):
+    del skip_strides, merge  # torchvision's FCN-ResNet has no skips (checked: always ()).
+    return fcn.FCNResNet(
+        depth=depth,
+        aux_head=c.aux_head,
+        resnet_variant=c.resnet_variant,
+        dropout_rate=_dropout(c, fcn.FCN_HEAD_DROPOUT),
+        **_common(c),
+    )
+
+
+def _fcn_skip_resnet(c, skip_strides, merge, *, depth):
+    return fcn.FCNSkipResNet(
+        depth=depth,
+        skip_strides=skip_strides,
+        merge=merge,
+        resnet_variant=c.resnet_variant,
+        **_common(c),
+    )
+
+
+def _unet(c, skip_strides, merge):
+    return unet.UNet(
+        padding=c.padding,
+        batch_norm=c.batch_norm,
+        dropout_rate=_dropout(c, unet.UNET_DROPOUT),
+        skip_strides=skip_strides,
+        merge=merge,
+        **_common(c),
+    )
+
+
+def _encoder_unet(c, skip_strides, merge, *, encoder):
+    return unet.EncoderUNet(
+        encoder=encoder,
+        decoder_channels=tuple(int(v) for v in c.decoder_channels),
+        skip_strides=skip_strides,
+        merge=merge,
+        resnet_variant=c.resnet_variant,
+        **_common(c),
+    )
+
+
+_p = functools.partial
+_VGG, _RES, _ENC = fcn.VGG_SKIP_STRIDES, fcn.RESNET_SKIP_STRIDES, unet.ENCODER_SKIP_STRIDES
+_AT_ONCE, _CLS = tuple(fcn.AT_ONCE_SCALES), unet.CLASSIC_SKIP_STRIDES
+_FCN, _TV, _UNET, _SMP = FCN_PAPER, TORCHVISION_FCN, UNET_PAPER, SMP_UNET
+
+# fmt: off
+MODELS: dict[str, ModelInfo] = {
+    'fcn32s_vgg16': ModelInfo(_fcn_vgg, _FCN, 32, 'fcn', _VGG, ()),
+    'fcn16s_vgg16': ModelInfo(_fcn_vgg, _FCN, 16, 'fcn', _VGG, (16,)),
+    'fcn8s_vgg16': ModelInfo(_fcn_vgg, _FCN, 8, 'fcn', _VGG, (16, 8)),
+    'fcn8s_atonce_vgg16': ModelInfo(_p(_fcn_vgg, at_once=True), _FCN, 8, 'fcn', _AT_ONCE, (16, 8)),
+    'fcn_resnet50': ModelInfo(_p(_fcn_resnet, depth=50), _TV, 8, 'fcn', (), ()),
+    'fcn_resnet101': ModelInfo(_p(_fcn_resnet, depth=101), _TV, 8, 'fcn', (), ()),
+    'fcn8s_resnet50': ModelInfo(_p(_fcn_skip_resnet, depth=50), _FCN, 8, 'fcn', _RES, (16, 8)),
+    'fcn8s_resnet101': ModelInfo(_p(_fcn_skip_resnet, depth=101), _FCN, 8, 'fcn', _RES, (16, 8)),
+    'unet': ModelInfo(_unet, _UNET, 1, 'unet', _CLS, _CLS),
+    'unet_resnet50': ModelInfo(_p(_encoder_unet, encoder='resnet50'), _SMP, 1, 'unet', _ENC, _ENC),
+    'unet_vgg16': ModelInfo(_p(_encoder_unet, encoder='vgg16'), _SMP, 1, 'unet', _ENC, _ENC),
+}
+# fmt: on
+
+
+def build_model(model_config: ml_collections.ConfigDict) -> nn.Module:
+    """Builds the model named `model_config.name`.
+
+    Args:
+      model_config: the `config.model` section (see configs/default.py).
+
+    Returns:
+      A Flax module; `model.apply(variables, images, train=...)` maps NHWC images to NHWC
+      float32 logits (a dict {'out', 'aux'} for torchvision FCNs with `aux_head`).
+
+    Raises:
+      ValueError: for an unknown name or an invalid field value.
+    """
+    if model_config.name not in MODELS:
+        raise ValueError(
+            f'Unknown config.model.name {model_config.name!r}; valid names: {sorted(MODELS)}.'
+        )
+    return MODELS[model_config.name](model_config)
+
+
+def example_input_shape(
+    model_config: ml_collections.ConfigDict, batch_size: int = 1, size: int = 64
+) -> tuple[int, int, int, int]:
+    """Returns an NHWC input shape the model accepts, for `init` or `eval_shape`.
+
+    Args:
+      model_config: the `config.model` section.
+      batch_size: leading dimension.
+      size: preferred side; for the VALID U-Net the nearest valid side at or above it.
+
+    Returns:
+      (batch_size, side, side, input_channels).
+    """
+    if model_config.name == 'unet' and model_config.padding == 'VALID':
+        size = unet.valid_unet_input_sizes(size)[-1]
+    return (batch_size, size, size, model_config.input_channels)
+
+
+def count_params(model_config: ml_collections.ConfigDict) -> int:
+    """Number of learnable parameters (`params` only), computed without allocating them."""
+    model = build_model(model_config)
+    shape = example_input_shape(model_config)
+    variables = jax.eval_shape(
+        functools.partial(model.init, train=False),
+        jax.random.key(0),
+        jax.ShapeDtypeStruct(shape, jnp.float32),
+    )
+    return sum(int(np.prod(v.shape)) for v in jax.tree_util.tree_leaves(variables['params']))
+
+
+def model_table(model_config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
+    """Rows for the README model table, one per registered model.
+
+    Args:
+      model_config: a base `config.model` (e.g. `configs.default.get_config().model`); it
+        is copied and set to 21 classes, 3 input channels, width 1.0, paper skips.
+
+    Returns:
+      Dicts with 'name', 'paper', 'params' (learnable, 21 classes) and 'output_stride'.
+    """
+    rows = []
+    for name, info in MODELS.items():
+        c = ml_collections.ConfigDict(model_config.to_dict())
+        c.update(name=name, num_classes=21, input_channels=3, width=1.0, dtype='float32')
+        c.skip_strides, c.merge = None, None
+        rows.append(
+            {
+                'name': name,
+                'paper': info.paper,
+                'params': count_params(c),
+                'output_stride': info.output_stride,
+            }
+        )
+    return rows
+
+
+__all__ = [
+    'MERGES',
+    'MODELS',
+    'ModelInfo',
+    'build_model',
+    'count_params',
+    'example_input_shape',
+    'model_table',
+]

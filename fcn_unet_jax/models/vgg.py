@@ -1,0 +1,101 @@
+"""VGG16 encoder (Simonyan & Zisserman), in its FCN and its plain (smp U-Net) form.
+
+FCN form (`fcn=True`, reference Caffe `voc-fcn*s/net.py`): conv1_1 is padded by 100 so
+that the fc6 7x7 VALID conv sees enough context for any input size, the other convs pad
+by 1, 2x2 max pooling is ceil-mode, and the classifier becomes fc6 (7x7 conv, 4096) and
+fc7 (1x1 conv, 4096), each followed by ReLU and dropout.
+
+Plain form (`fcn=False`, torchvision `vgg16` features as used by smp's encoder): every
+conv pads by 1, pooling is floor-mode, no fc layers.
+
+Parameter paths (under the parent's `backbone`): `conv{b}_{i}/{kernel,bias}` for
+b = 1..5 and i = 1..2 (b <= 2) or 1..3 (b >= 3); `fc6` and `fc7` in the FCN form.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fcn_unet_jax.models import layers
+
+Array = jax.Array
+
+# Convs per block and their channels (configuration "D" of the paper).
+VGG16_BLOCKS = ((2, 64), (2, 128), (3, 256), (3, 512), (3, 512))
+FCN_CONV1_PAD = 100
+FCN_DROPOUT = 0.5
+
+_conv_init = nn.initializers.he_normal()
+# torchvision initialises VGG's Linear layers (our fc6/fc7) with N(0, 0.01).
+_fc_init = nn.initializers.normal(0.01)
+
+
+class VGG16(nn.Module):
+    """VGG16 feature extractor returning the feature at each stride.
+
+    Attributes:
+      width: channel multiplier (1.0 = the paper's widths, including fc6/fc7's 4096).
+      fcn: FCN form (pad 100, ceil pooling, fc6/fc7) instead of the plain form.
+      dropout_rate: dropout after fc6 and fc7 (FCN form only).
+      dtype: compute dtype name.
+      remat: rematerialise every conv+ReLU pair in the backward pass (the flat reference
+        parameter names leave the conv as the unit that can be wrapped).
+    """
+
+    width: float = 1.0
+    fcn: bool = True
+    dropout_rate: float = FCN_DROPOUT
+    dtype: str = 'float32'
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, x: Array, *, train: bool) -> dict[int, Array]:
+        """Runs the encoder.
+
+        Args:
+          x: NHWC images.
+          train: enables dropout.
+
+        Returns:
+          FCN form: {2: pool1, 4: pool2, 8: pool3, 16: pool4, 32: fc7}. Plain form (smp's
+          encoder outputs): {1: conv1_2, 2: conv2_2, 4: conv3_3, 8: conv4_3, 16: conv5_3,
+          32: pool5}; all after ReLU.
+        """
+        dtype = layers.compute_dtype(self.dtype)
+        conv = layers.maybe_remat(layers.ConvReLU, self.remat)
+        x = x.astype(dtype)
+        features = {}
+        for b, (n_convs, channels) in enumerate(VGG16_BLOCKS, start=1):
+            for i in range(1, n_convs + 1):
+                pad = FCN_CONV1_PAD if self.fcn and (b, i) == (1, 1) else 1
+                x = conv(
+                    layers.scaled(channels, self.width),
+                    (3, 3),
+                    padding=((pad, pad), (pad, pad)),
+                    kernel_init=_conv_init,
+                    dtype=dtype,
+                    param_dtype=jnp.float32,
+                    name=f'conv{b}_{i}',
+                )(x)
+            stride = 2 ** (b - 1)
+            if not self.fcn:
+                features[stride] = x
+            x = layers.max_pool_ceil(x) if self.fcn else nn.max_pool(x, (2, 2), (2, 2))
+            if self.fcn and b < len(VGG16_BLOCKS):
+                features[2 * stride] = x
+        if not self.fcn:
+            features[32] = x
+            return features
+        for name, kernel in (('fc6', 7), ('fc7', 1)):
+            x = conv(
+                layers.scaled(4096, self.width),
+                (kernel, kernel),
+                padding='VALID',
+                kernel_init=_fc_init,
+                dtype=dtype,
+                param_dtype=jnp.float32,
+                name=name,
+            )(x)
+            x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        features[32] = x
+        return features
