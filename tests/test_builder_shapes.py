@@ -1,5 +1,9 @@
 """Tests of the synthetic `shapes` builder and of `get_builder` / `prepare` on it."""
 
+import pathlib
+import subprocess
+import sys
+
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
@@ -7,6 +11,7 @@ import tensorflow_datasets as tfds
 from fcn_unet_jax.data import builders
 from fcn_unet_jax.data.builders import shapes
 
+_REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 _TINY = shapes.ShapesConfig(name='tiny_test', image_size=32, num_train=40, num_validation=8)
 
 
@@ -78,3 +83,25 @@ def test_get_builder_resolves_configs_and_metadata(tmp_path):
     assert (default.image_size, default.num_train, default.num_validation) == (128, 2000, 200)
     assert default.class_hues
     assert not tfds.builder('shapes/hard', data_dir=str(tmp_path)).builder_config.class_hues
+
+
+def test_build_command_prepares_the_configured_dataset(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            '-m',
+            'fcn_unet_jax.data.build',
+            '--config=configs/default.py',
+            '--config.dataset.name=shapes/small',
+            f'--config.dataset.data_dir={tmp_path}',
+        ],
+        capture_output=True,
+        text=True,
+        cwd=_REPO_ROOT,
+        check=False,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 'shapes/small train: 1000 examples' in result.stdout
+    assert 'shapes/small validation: 100 examples' in result.stdout
+    assert list((tmp_path / 'shapes' / 'small').glob('*/*.array_record*'))
