@@ -47,7 +47,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # --- Dataset (tfds builder and splits) ---
     config.dataset = ml_collections.ConfigDict()
-    config.dataset.name = 'shapes'  # tfds name, optionally with '/config' (voc_segmentation/sbd_fcn).
+    # tfds name, optionally with '/config' (e.g. voc_segmentation/sbd_fcn).
+    config.dataset.name = 'shapes'
     config.dataset.data_dir = ml_collections.config_dict.placeholder(str)  # tfds data_dir.
     config.dataset.manual_dir = ml_collections.config_dict.placeholder(str)  # Archives.
     config.dataset.train_split = 'train'

@@ -21,13 +21,7 @@ TINY = 1 / 16
 NAMES = list(models.MODELS)
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _fast_compiles():
-    """These tests check logic, not the speed of compiled code."""
-    previous = jax.config.read('jax_disable_most_optimizations')
-    jax.config.update('jax_disable_most_optimizations', True)
-    yield
-    jax.config.update('jax_disable_most_optimizations', previous)
+pytestmark = pytest.mark.usefixtures('fast_compiles')
 
 
 def make_config(name, **overrides):

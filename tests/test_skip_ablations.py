@@ -15,14 +15,7 @@ from test_models import abstract_apply, abstract_init, count, make_config, rando
 
 from fcn_unet_jax import models
 
-
-@pytest.fixture(autouse=True, scope='module')
-def _fast_compiles():
-    """These tests check logic, not the speed of compiled code."""
-    previous = jax.config.read('jax_disable_most_optimizations')
-    jax.config.update('jax_disable_most_optimizations', True)
-    yield
-    jax.config.update('jax_disable_most_optimizations', previous)
+pytestmark = pytest.mark.usefixtures('fast_compiles')
 
 
 def _combinations():
