@@ -1,0 +1,663 @@
+"""Training and evaluation loop: `train_and_evaluate(config, workdir)`.
+
+One code path for 1 device, many devices and many processes: the jitted train and eval
+steps run over `Mesh(devices, ('data',))` with the batch sharded on its leading axis and
+the train state replicated. The global batch is `config.batch_size` whatever the number of
+devices; each process feeds its own slice and `jax.make_array_from_process_local_data`
+assembles the global batch. Under jit, means and BatchNorm statistics over the sharded batch
+are global, so results do not depend on the device count.
+
+Reproducibility: the input pipeline is a function of (seed, step) and dropout uses
+`fold_in(key, step)`, so a run resumed from a checkpoint at step k ends with the same
+parameters as an uninterrupted one. Rerunning the same command resumes from `workdir`.
+
+Only process 0 writes logs, metrics and JSON files; every process takes part in
+checkpointing, as orbax requires.
+"""
+
+import functools
+import json
+import os
+import re
+import signal
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers, parameter_overview, periodic_actions
+from etils import epath
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from fcn_unet_jax import checkpoint_manager, losses, metrics, models, optimizers
+from fcn_unet_jax.data import builders, input_pipeline
+
+DATA_AXIS = 'data'
+EVAL_RESULTS_FILE = 'eval_results.json'
+METRICS_LOG_FILE = 'metrics.jsonl'
+CONFIG_FILE = 'config.json'
+# Variable collections the train step updates (other non-param collections, such as the
+# FCN's fixed bilinear upsamplers in `frozen`, are carried along unchanged).
+MUTABLE_COLLECTIONS = ('batch_stats',)
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a checkpoint holds.
+
+    Attributes:
+      step: number of optimiser steps taken (the data position: the pipeline resumes from it).
+      params: the learnable `params` collection.
+      model_state: the other variable collections (`batch_stats`, `frozen`, ...).
+      opt_state: the optax state.
+    """
+
+    step: jax.Array
+    params: Any
+    model_state: Any
+    opt_state: Any
+
+    def variables(self) -> dict:
+        """The model's variables, ready for `model.apply`."""
+        return {'params': self.params, **self.model_state}
+
+
+def create_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-D data-parallel mesh over `devices` (default: every device of every process)."""
+    return Mesh(np.asarray(devices if devices is not None else jax.devices()), (DATA_AXIS,))
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """Fetches a replicated array, also when it spans devices of other processes."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    return np.asarray(x.addressable_data(0))
+
+
+def _replicate(tree, sharding: NamedSharding):
+    """Puts identical host values of every process onto `sharding` (replicated)."""
+
+    def put(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree_util.tree_map(put, tree)
+
+
+def _global_batch(local_batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict:
+    """Assembles the global batch from every process's slice (non-numeric keys dropped)."""
+    count = jax.process_count()
+    return {
+        key: jax.make_array_from_process_local_data(
+            sharding, value, (value.shape[0] * count, *value.shape[1:])
+        )
+        for key, value in local_batch.items()
+        if np.asarray(value).dtype != object  # e.g. the eval file names.
+    }
+
+
+def _main_logits(outputs) -> jax.Array:
+    return outputs['out'] if isinstance(outputs, Mapping) else outputs
+
+
+def _center_crop_to(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """Center-crops the spatial dims (1, 2) of `x` to `size` (the VALID U-Net's output)."""
+    top = (x.shape[1] - size[0]) // 2
+    left = (x.shape[2] - size[1]) // 2
+    return x[:, top : top + size[0], left : left + size[1]]
+
+
+def _align_targets(logits: jax.Array, *targets: jax.Array | None) -> list[jax.Array | None]:
+    """Crops labels/weights/masks to a smaller output (unpadded models see extra context)."""
+    size = logits.shape[1:3]
+    if size == targets[0].shape[1:3]:
+        return list(targets)
+    if size[0] > targets[0].shape[1] or size[1] > targets[0].shape[2]:
+        raise ValueError(f'Model output {size} is larger than the labels {targets[0].shape}.')
+    return [None if t is None else _center_crop_to(t, size) for t in targets]
+
+
+def initial_variables(
+    model: flax.linen.Module, config: ml_collections.ConfigDict, rng: jax.Array
+) -> dict:
+    """Initialises the model's variables on a dummy crop-sized image."""
+    height, width = config.input.crop_size
+    images = jnp.zeros((1, height, width, config.model.input_channels), jnp.float32)
+    return flax.core.unfreeze(model.init({'params': rng}, images, train=False))
+
+
+def _merge_pretrained(init: dict, loaded: Mapping, prefix: str = '') -> tuple[dict, list, list]:
+    """Takes every leaf of `loaded` whose path and shape match `init`; keeps init elsewhere."""
+    merged, taken, kept = {}, [], []
+    for key, value in init.items():
+        path = f'{prefix}{key}'
+        other = loaded.get(key) if isinstance(loaded, Mapping) else None
+        if isinstance(value, Mapping):
+            merged[key], t, k = _merge_pretrained(value, other or {}, path + '/')
+            taken += t
+            kept += k
+        elif other is not None and np.shape(other) == np.shape(value):
+            merged[key] = np.asarray(other, dtype=np.asarray(value).dtype)
+            taken.append(path)
+        else:
+            merged[key] = value
+            kept.append(path)
+    return merged, taken, kept
+
+
+def init_from(config: ml_collections.ConfigDict, variables: dict) -> dict:
+    """Overlays the variables named by `config.init_from` onto freshly initialised ones.
+
+    A previous run's workdir (FCN staging 32s -> 16s -> 8s) contributes every array whose
+    path and shape match (backbone, score_fr, ...); the rest (new score layers, upsamplers
+    of another size) keeps its initialisation, and both lists are logged. A converted
+    pretrained checkpoint or weights file goes through `fcn_unet_jax.checkpoints`, which
+    refuses unexpected or mismatched arrays.
+
+    Args:
+      config: the full config (`init_from`, `model.name`, `model.num_classes`).
+      variables: the model's initial variables as host arrays.
+
+    Returns:
+      The merged variables (host arrays).
+    """
+    path = config.init_from
+    if (epath.Path(path) / checkpoint_manager.CHECKPOINT_SUBDIR).exists():
+        loaded = checkpoint_manager.restore_variables(path)
+        merged, taken, kept = _merge_pretrained(variables, loaded)
+        logging.info(
+            'Initialised %d arrays from the run in %s; %d keep their initialisation: %s',
+            len(taken),
+            path,
+            len(kept),
+            kept,
+        )
+        return merged
+    from fcn_unet_jax import checkpoints  # The weights importer; only needed here.
+
+    loaded = checkpoints.load_pretrained(
+        path, model_name=config.model.name, num_classes=config.model.num_classes
+    )
+    logging.info('Initialised from the pretrained checkpoint %s.', path)
+    return checkpoints.merge_pretrained(variables, loaded)
+
+
+def create_train_state(
+    config: ml_collections.ConfigDict,
+    model: flax.linen.Module,
+    mesh: Mesh,
+    rng: jax.Array,
+) -> tuple[TrainState, optax.GradientTransformation, optax.Schedule]:
+    """Initialises the replicated train state (and `config.init_from`, when set).
+
+    Args:
+      config: the full config.
+      model: the model from `models.build_model(config.model)`.
+      mesh: the data-parallel mesh.
+      rng: key for parameter initialisation.
+
+    Returns:
+      (state, optimiser, learning-rate schedule).
+    """
+    replicated = NamedSharding(mesh, P())
+    abstract = jax.eval_shape(lambda r: initial_variables(model, config, r), rng)
+    tx, schedule = optimizers.create_optimizer(config, abstract['params'])
+
+    def init(variables):
+        params = variables.pop('params')
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            model_state=variables,
+            opt_state=tx.init(params),
+        )
+
+    variables = jax.jit(lambda r: initial_variables(model, config, r), out_shardings=replicated)(
+        rng
+    )
+    if config.init_from:
+        merged = init_from(config, jax.tree_util.tree_map(to_host, variables))
+        variables = _replicate(merged, replicated)
+    state = jax.jit(init, out_shardings=replicated)(variables)
+    return state, tx, schedule
+
+
+def train_step(
+    state: TrainState,
+    batch: Mapping[str, jax.Array],
+    rng: jax.Array,
+    *,
+    model: flax.linen.Module,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    loss_config: ml_collections.ConfigDict,
+    ignore_label: int,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimiser step on a global batch (pure; jitted by the caller).
+
+    Args:
+      state: the current train state.
+      batch: `image` [B, H, W, C], `label` [B, H, W] and optionally `weight` [B, H, W].
+      rng: base key; dropout uses `fold_in(rng, state.step)`.
+      model: the Flax module.
+      tx: the optimiser.
+      schedule: learning-rate schedule (for logging only).
+      loss_config: `config.loss`.
+      ignore_label: label value that is ignored.
+
+    Returns:
+      (new state, float32 scalars: `loss` and its terms, `learning_rate`, `grad_norm`).
+    """
+    step_rng = jax.random.fold_in(rng, state.step)
+
+    def loss_fn(params):
+        outputs, new_model_state = model.apply(
+            {'params': params, **state.model_state},
+            batch['image'],
+            train=True,
+            rngs={'dropout': step_rng},
+            mutable=list(MUTABLE_COLLECTIONS),
+        )
+        labels, weights = _align_targets(_main_logits(outputs), batch['label'], batch.get('weight'))
+        loss, terms = losses.total_loss(
+            outputs, labels, loss_config, ignore_label=ignore_label, pixel_weights=weights
+        )
+        return loss, (terms, new_model_state)
+
+    grads, (terms, new_model_state) = jax.grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=optax.apply_updates(state.params, updates),
+        model_state={**state.model_state, **new_model_state},
+        opt_state=opt_state,
+    )
+    summary = dict(terms, learning_rate=schedule(state.step), grad_norm=optax.global_norm(grads))
+    return new_state, summary
+
+
+def eval_step(
+    state: TrainState,
+    batch: Mapping[str, jax.Array],
+    *,
+    model: flax.linen.Module,
+    num_classes: int,
+    ignore_label: int,
+) -> jax.Array:
+    """Confusion matrix of one padded global eval batch (summed over all devices)."""
+    logits = _main_logits(model.apply(state.variables(), batch['image'], train=False))
+    labels, mask = _align_targets(logits, batch['label'], batch.get('mask'))
+    preds = jnp.argmax(logits, axis=-1)
+    return metrics.confusion_matrix(labels, preds, num_classes, ignore_label, mask)
+
+
+def prepare_dataset(config: ml_collections.ConfigDict) -> None:
+    """Builds the tfds dataset if needed: process 0 first, so processes never race on it."""
+    if jax.process_index() == 0:
+        builders.prepare(config.dataset)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices('prepare_dataset')
+        builders.prepare(config.dataset)
+
+
+class Trainer:
+    """Holds the model, mesh and compiled steps of one run."""
+
+    def __init__(self, config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None):
+        if config.eval.mode != 'whole' or tuple(config.eval.scales) != (1.0,) or config.eval.flip:
+            raise ValueError(
+                'train.evaluate supports whole-image evaluation only (eval.mode="whole", '
+                'scales=(1.0,), flip=False); use the inference module for the others.'
+            )
+        self.config = config
+        self.mesh = create_mesh(devices)
+        for name in ('batch_size', 'eval_batch_size'):
+            if config[name] % self.mesh.size or config[name] % jax.process_count():
+                raise ValueError(
+                    f'config.{name}={config[name]} must be divisible by the number of devices '
+                    f'({self.mesh.size}) and processes ({jax.process_count()}).'
+                )
+        prepare_dataset(config)
+        self.info = input_pipeline.get_dataset_info(config)
+        if config.model.num_classes != self.info.num_classes:
+            raise ValueError(
+                f'config.model.num_classes={config.model.num_classes} but dataset '
+                f'{config.dataset.name} has {self.info.num_classes} classes.'
+            )
+        self.model = models.build_model(config.model)
+        self.replicated = NamedSharding(self.mesh, P())
+        self.batch_sharding = NamedSharding(self.mesh, P(DATA_AXIS))
+        # Made inside jit so the keys are global arrays, also across processes.
+        init_rng, self.dropout_rng = jax.jit(
+            lambda: tuple(jax.random.split(jax.random.key(config.seed))),
+            out_shardings=self.replicated,
+        )()
+        self.state, tx, schedule = create_train_state(config, self.model, self.mesh, init_rng)
+        self.train_step = jax.jit(
+            functools.partial(
+                train_step,
+                model=self.model,
+                tx=tx,
+                schedule=schedule,
+                loss_config=config.loss,
+                ignore_label=config.dataset.ignore_label,
+            ),
+            in_shardings=(self.replicated, self.batch_sharding, self.replicated),
+            out_shardings=(self.replicated, self.replicated),
+            donate_argnums=(0,),
+        )
+        self.eval_step = jax.jit(
+            functools.partial(
+                eval_step,
+                model=self.model,
+                num_classes=config.model.num_classes,
+                ignore_label=config.dataset.ignore_label,
+            ),
+            in_shardings=(self.replicated, self.batch_sharding),
+            out_shardings=self.replicated,
+        )
+
+    def abstract_state(self) -> TrainState:
+        """Shapes, dtypes and shardings of the state (the restore target)."""
+        return jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state
+        )
+
+    def train_batches(self, start_step: int):
+        """Global train batches from `start_step` on."""
+        iterator = input_pipeline.create_train_iterator(
+            self.config,
+            start_step=start_step,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        for batch in iterator:
+            yield _global_batch(batch, self.batch_sharding)
+
+    def evaluate(self, split: str | None = None) -> dict[str, Any]:
+        """Scores of the current state on a whole split (every example exactly once)."""
+        confusion = np.zeros((self.config.model.num_classes,) * 2, np.int64)
+        iterable = input_pipeline.create_eval_iterable(
+            self.config,
+            split,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        for batch in iterable:
+            batch = _global_batch(batch, self.batch_sharding)
+            confusion += to_host(self.eval_step(self.state, batch))
+        result = metrics.scores(confusion)
+        result['confusion_matrix'] = confusion.tolist()
+        return result
+
+
+class _SigtermFlag:
+    """Records SIGTERM so the loop can save at the next step boundary and stop."""
+
+    def __init__(self):
+        self.received = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # Not the main thread: leave signals to the caller.
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        logging.warning('SIGTERM received: saving a checkpoint at the next step boundary.')
+        self.received = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def any_process(self) -> bool:
+        """Whether any process was signalled (all processes must agree to stop together)."""
+        if jax.process_count() == 1:
+            return self.received
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.asarray(self.received, np.int32))
+        return bool(np.any(flags))
+
+
+def _jsonable(value):
+    """Converts NaN to None (valid JSON) and numpy scalars to Python numbers."""
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float | np.floating):
+        return None if not np.isfinite(value) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def _scalar_summaries(result: Mapping[str, Any], prefix: str) -> dict[str, float]:
+    return {f'{prefix}{k}': v for k, v in result.items() if isinstance(v, float)}
+
+
+def eval_report(
+    result: Mapping[str, Any], class_names: Sequence[str], step: int, split: str
+) -> dict[str, Any]:
+    """The JSON-ready evaluation report: every metric, per-class values named by class."""
+    report = {'step': step, 'split': split}
+    for key, value in result.items():
+        if key.startswith('per_class_'):
+            report[key] = dict(zip(class_names, value, strict=True))
+        else:
+            report[key] = value
+    report['class_names'] = list(class_names)
+    return _jsonable(report)
+
+
+def write_json(path: epath.Path, content: Mapping[str, Any]) -> None:
+    """Writes `content` as JSON atomically (process 0 only)."""
+    if jax.process_index() != 0:
+        return
+    tmp = path.parent / (path.name + '.tmp')
+    tmp.write_text(json.dumps(_jsonable(content), indent=2, sort_keys=True) + '\n')
+    os.replace(tmp, path)
+
+
+class _JsonLog:
+    """Appends one JSON object per line to `metrics.jsonl` (process 0 only)."""
+
+    def __init__(self, path: epath.Path):
+        self._path = path if jax.process_index() == 0 else None
+
+    def write(self, step: int, scalars: Mapping[str, float]) -> None:
+        if self._path is None:
+            return
+        with open(self._path, 'a') as f:
+            f.write(json.dumps(_jsonable({'step': step, **scalars})) + '\n')
+
+
+def _check_finite(step: int, summary: Mapping[str, jax.Array]) -> dict[str, float]:
+    values = {k: float(to_host(v)) for k, v in summary.items()}
+    if not np.isfinite(values['loss']):
+        raise FloatingPointError(f'Non-finite loss {values["loss"]} at step {step}.')
+    return values
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    devices: Sequence[jax.Device] | None = None,
+) -> dict[str, Any]:
+    """Trains `config` in `workdir` (resuming from its checkpoints) and evaluates it.
+
+    Args:
+      config: the full config (see configs/default.py).
+      workdir: directory for checkpoints, logs, the resolved config and eval results.
+      devices: devices of the data-parallel mesh; default all devices of all processes.
+
+    Returns:
+      Summaries: `step`, `train_loss` (mean over the last logging interval), `eval` (the
+      final evaluation report, as written to eval_results.json), `preempted` (True when a
+      SIGTERM stopped training early; no final evaluation is then run).
+
+    Raises:
+      FloatingPointError: on a NaN/Inf loss, naming the step.
+    """
+    workdir = epath.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    is_main = jax.process_index() == 0
+    trainer = Trainer(config, devices)
+    write_json(workdir / CONFIG_FILE, config.to_dict())
+    writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
+    json_log = _JsonLog(workdir / METRICS_LOG_FILE)
+    manager = checkpoint_manager.CheckpointManager(workdir, keep=config.keep_checkpoints)
+
+    restored, restored_step = manager.restore_latest(trainer.abstract_state())
+    if restored is not None:
+        trainer.state = restored
+        logging.info('Resumed from the checkpoint at step %d in %s.', restored_step, workdir)
+    parameter_overview.log_parameter_overview(
+        jax.tree_util.tree_map(to_host, trainer.state.params), jax_logging_process=0
+    )
+    start_step = int(to_host(trainer.state.step))
+    total_steps = config.num_train_steps
+
+    hooks: list[Callable[[int], None]] = []
+    if is_main:
+        hooks.append(
+            periodic_actions.ReportProgress(
+                num_train_steps=total_steps, writer=writer, every_steps=config.log_every_steps
+            )
+        )
+    summaries: dict[str, Any] = {'step': start_step, 'preempted': False}
+    interval: list[dict[str, float]] = []
+    pending = None  # (step, device summary) not yet checked: keeps one step in flight.
+
+    def flush_pending():
+        nonlocal pending
+        if pending is not None:
+            interval.append(_check_finite(*pending))
+            pending = None
+
+    last_log = {'step': start_step, 'time': time.time()}
+
+    def log_train(step):
+        flush_pending()
+        if not interval:
+            return
+        means = {f'train/{k}': float(np.mean([s[k] for s in interval])) for k in interval[0]}
+        # Includes eval and checkpoint time in the interval: the user-visible throughput.
+        elapsed = time.time() - last_log['time']
+        means['train/examples_per_sec'] = (step - last_log['step']) * config.batch_size / elapsed
+        last_log.update(step=step, time=time.time())
+        writer.write_scalars(step, means)
+        json_log.write(step, means)
+        summaries['train_loss'] = means['train/loss']
+        interval.clear()
+
+    def run_eval(step):
+        result = trainer.evaluate()
+        scalars = _scalar_summaries(result, 'eval/')
+        writer.write_scalars(step, scalars)
+        json_log.write(step, scalars)
+        return result
+
+    with _SigtermFlag() as sigterm, metric_writers.ensure_flushes(writer):
+        batches = trainer.train_batches(start_step) if start_step < total_steps else iter(())
+        for step in range(start_step + 1, total_steps + 1):
+            with jax.profiler.StepTraceAnnotation('train', step_num=step):
+                batch = next(batches)
+                trainer.state, summary = trainer.train_step(
+                    trainer.state, batch, trainer.dropout_rng
+                )
+            flush_pending()
+            pending = (step, summary)
+            for hook in hooks:
+                hook(step)
+            if step % config.log_every_steps == 0 or step == total_steps:
+                log_train(step)
+            if step % config.eval_every_steps == 0 and step != total_steps:
+                run_eval(step)
+            stop = sigterm.any_process()
+            if step % config.checkpoint_every_steps == 0 or step == total_steps or stop:
+                flush_pending()  # Never checkpoint a state whose loss was not finite.
+                manager.save(step, trainer.state)
+            summaries['step'] = step
+            if stop:
+                logging.warning('Stopped by SIGTERM after saving the checkpoint of step %d.', step)
+                summaries['preempted'] = True
+                break
+        log_train(summaries['step'])
+        manager.wait_until_finished()
+        if not summaries['preempted']:
+            split = config.dataset.eval_split
+            result = run_eval(summaries['step'])
+            report = eval_report(result, trainer.info.class_names, summaries['step'], split)
+            write_json(workdir / EVAL_RESULTS_FILE, report)
+            summaries['eval'] = report
+            logging.info(
+                'Final evaluation on %s at step %d: %s',
+                split,
+                summaries['step'],
+                _scalar_summaries(result, ''),
+            )
+    manager.close()
+    return summaries
+
+
+def evaluate_checkpoint(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    split: str | None = None,
+    devices: Sequence[jax.Device] | None = None,
+) -> dict[str, Any]:
+    """Evaluates the latest checkpoint of `workdir` and writes `eval_results[_SPLIT].json`.
+
+    Args:
+      config: the run's config.
+      workdir: the run's workdir (must hold a checkpoint).
+      split: dataset split; default `config.dataset.eval_split`.
+      devices: devices of the data-parallel mesh; default all.
+
+    Returns:
+      The evaluation report (also written to the workdir).
+
+    Raises:
+      FileNotFoundError: when the workdir holds no usable checkpoint.
+    """
+    workdir = epath.Path(workdir)
+    split = split or config.dataset.eval_split
+    trainer = Trainer(config, devices)
+    manager = checkpoint_manager.CheckpointManager(workdir, keep=config.keep_checkpoints)
+    state, step = manager.restore_latest(trainer.abstract_state())
+    manager.close()
+    if state is None:
+        raise FileNotFoundError(f'No usable checkpoint in {workdir}.')
+    trainer.state = state
+    start = time.time()
+    result = trainer.evaluate(split)
+    report = eval_report(result, trainer.info.class_names, step, split)
+    name = EVAL_RESULTS_FILE
+    if split != config.dataset.eval_split:
+        name = f'eval_results_{re.sub(r"[^A-Za-z0-9]+", "_", split).strip("_")}.json'
+    write_json(workdir / name, report)
+    logging.info(
+        'Evaluated step %d on %s in %.1f s: %s',
+        step,
+        split,
+        time.time() - start,
+        _scalar_summaries(result, ''),
+    )
+    return report

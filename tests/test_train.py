@@ -1,0 +1,292 @@
+"""End-to-end tests of the train loop on a tiny `shapes` build with tiny models.
+
+Covered: 1 vs 4 devices, exact resume, NaN error, SIGTERM save and resume through
+`python -m fcn_unet_jax.main`, eval mode, init_from, frozen variables, bfloat16.
+"""
+
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from configs import default
+from fcn_unet_jax import checkpoint_manager, models, optimizers, train
+from fcn_unet_jax.data import builders
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+FAST_COMPILE = {
+    # Compiled-code speed does not matter here; compile time does, and the runs below
+    # compile identical steps again and again, so a persistent cache pays off.
+    'jax_disable_most_optimizations': True,
+    'jax_persistent_cache_min_compile_time_secs': 0.0,
+    'jax_persistent_cache_min_entry_size_bytes': 0,
+}
+
+
+@pytest.fixture(scope='module', autouse=True)
+def fast_compile(tmp_path_factory):
+    settings = dict(FAST_COMPILE, jax_compilation_cache_dir=str(tmp_path_factory.mktemp('jit')))
+    previous = {name: jax.config.values[name] for name in settings}
+    for name, value in settings.items():
+        jax.config.update(name, value)
+    yield settings['jax_compilation_cache_dir']
+    for name, value in previous.items():
+        jax.config.update(name, value)
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp('tfds'))
+    config = tiny_config(path)
+    builders.get_builder(config.dataset).download_and_prepare(
+        file_format='array_record',
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False),
+    )
+    return path
+
+
+def tiny_config(data_dir: str, **overrides):
+    """A U-Net with BatchNorm at width 1/16 on 32 px crops: a few seconds per run."""
+    config = default.get_config()
+    config.dataset.name = 'shapes/small'
+    config.dataset.data_dir = data_dir
+    config.dataset.train_split = 'train[:64]'
+    config.dataset.eval_split = 'validation[:8]'
+    config.input.crop_size = (32, 32)
+    config.input.eval_pad_size = (64, 64)
+    config.model.width = 0.0625
+    config.model.batch_norm = True
+    config.batch_size = 4
+    config.eval_batch_size = 4
+    # SGD keeps parameter differences proportional to gradient differences, so 1 vs 4 device
+    # runs can be compared tightly (Adam's normalisation amplifies float noise in ~0 grads).
+    config.optimizer.name = 'sgd'
+    config.optimizer.learning_rate = 0.05
+    config.optimizer.schedule = 'constant'  # Independent of num_train_steps (resume test).
+    config.num_train_steps = 4
+    config.log_every_steps = 1
+    config.eval_every_steps = 100
+    config.checkpoint_every_steps = 100
+    for key, value in overrides.items():
+        section, _, field = key.rpartition('.')
+        (config[section] if section else config)[field] = value
+    return config
+
+
+def read_log(workdir) -> list[dict]:
+    with open(os.path.join(workdir, train.METRICS_LOG_FILE)) as f:
+        return [json.loads(line) for line in f]
+
+
+def train_losses(workdir) -> list[float]:
+    return [r['train/loss'] for r in read_log(workdir) if 'train/loss' in r]
+
+
+def saved_params(workdir):
+    return checkpoint_manager.restore_variables(str(workdir))['params']
+
+
+def assert_trees_close(a, b, **tolerance):
+    jax.tree_util.tree_map(
+        lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), **tolerance), a, b
+    )
+
+
+@pytest.fixture(scope='module')
+def four_device_run(data_dir, tmp_path_factory):
+    """The reference: 4 steps straight on 4 devices."""
+    workdir = tmp_path_factory.mktemp('four_devices')
+    summaries = train.train_and_evaluate(tiny_config(data_dir), str(workdir))
+    return workdir, summaries
+
+
+def test_run_writes_everything(four_device_run):
+    workdir, summaries = four_device_run
+    assert summaries['step'] == 4 and not summaries['preempted']
+    assert np.isfinite(summaries['train_loss'])
+    with open(workdir / train.EVAL_RESULTS_FILE) as f:
+        report = json.load(f)
+    assert report == summaries['eval']
+    assert set(report['per_class_iou']) == {'background', 'circle', 'rectangle', 'triangle'}
+    assert 0 <= report['mean_iou'] <= 1
+    assert np.sum(report['confusion_matrix']) == 8 * 64 * 64  # Every real pixel, once.
+    assert json.loads((workdir / train.CONFIG_FILE).read_text())['model']['width'] == 0.0625
+    assert len(train_losses(workdir)) == 4
+    assert list(os.listdir(workdir / 'checkpoints')) == ['4']
+    assert any(name.startswith('events.out.tfevents') for name in os.listdir(workdir))
+
+
+def test_one_device_matches_four_devices(four_device_run, data_dir, tmp_path):
+    workdir, _ = four_device_run
+    train.train_and_evaluate(tiny_config(data_dir), str(tmp_path), devices=jax.devices()[:1])
+    np.testing.assert_allclose(train_losses(tmp_path), train_losses(workdir), rtol=1e-4)
+    assert_trees_close(saved_params(tmp_path), saved_params(workdir), rtol=1e-4, atol=1e-5)
+
+
+def test_resume_matches_uninterrupted_run(four_device_run, data_dir, tmp_path):
+    workdir, _ = four_device_run
+    stopped = train.train_and_evaluate(tiny_config(data_dir, num_train_steps=2), str(tmp_path))
+    assert stopped['step'] == 2
+    resumed = train.train_and_evaluate(tiny_config(data_dir), str(tmp_path))
+    assert resumed['step'] == 4
+    assert train_losses(tmp_path) == pytest.approx(train_losses(workdir), rel=1e-6)
+    assert_trees_close(saved_params(tmp_path), saved_params(workdir), rtol=1e-6, atol=1e-7)
+
+
+def test_nan_loss_names_the_step(data_dir, tmp_path):
+    # An enormous learning rate overflows the parameters in the first update, so the second
+    # step's loss is not finite.
+    config = tiny_config(
+        data_dir,
+        **{'optimizer.learning_rate': 1e38, 'model.batch_norm': False},
+    )
+    with pytest.raises(FloatingPointError, match='at step 2'):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert not os.listdir(tmp_path / 'checkpoints')  # Nothing non-finite was saved.
+
+
+def test_init_from_previous_workdir(four_device_run, data_dir):
+    workdir, _ = four_device_run
+    config = tiny_config(data_dir, init_from=str(workdir))
+    mesh = train.create_mesh()
+    model = models.build_model(config.model)
+    state, _, _ = train.create_train_state(config, model, mesh, jax.random.key(7))
+    assert_trees_close(state.params, saved_params(workdir), rtol=0, atol=0)
+    assert int(state.step) == 0
+
+
+def _synthetic_batch(size=36, batch=2, classes=4, seed=0):
+    rng = np.random.default_rng(seed)
+    images = rng.normal(size=(batch, size, size, 3)).astype(np.float32)
+    labels = rng.integers(0, classes, (batch, size, size)).astype(np.int32)
+    labels[:, :3] = 255
+    return {'image': jnp.asarray(images), 'label': jnp.asarray(labels)}
+
+
+def _run_steps(config, steps=2):
+    model = models.build_model(config.model)
+    state, tx, schedule = train.create_train_state(
+        config, model, train.create_mesh(jax.devices()[:1]), jax.random.key(0)
+    )
+    initial = jax.tree_util.tree_map(np.asarray, state)
+    step = jax.jit(
+        functools.partial(
+            train.train_step,
+            model=model,
+            tx=tx,
+            schedule=schedule,
+            loss_config=config.loss,
+            ignore_label=255,
+        )
+    )
+    for _ in range(steps):
+        state, summary = step(state, _synthetic_batch(), jax.random.key(1))
+    return initial, state, summary
+
+
+def test_frozen_collection_and_frozen_params_stay_fixed():
+    config = default.get_config()
+    config.model.name = 'fcn8s_vgg16'
+    config.model.width = 0.0625
+    config.input.crop_size = (36, 36)
+    config.optimizer.frozen_params = ('^backbone/conv1_',)
+    initial, state, _ = _run_steps(config)
+    assert 'frozen' in state.model_state
+    assert_trees_close(state.model_state['frozen'], initial.model_state['frozen'], rtol=0, atol=0)
+    groups = optimizers.param_groups(state.params, config.optimizer.frozen_params)
+    moved = jax.tree_util.tree_map(
+        lambda a, b: bool(np.any(np.asarray(a) != b)), state.params, initial.params
+    )
+    pairs = list(
+        zip(jax.tree_util.tree_leaves(groups), jax.tree_util.tree_leaves(moved), strict=True)
+    )
+    frozen_moved = [m for g, m in pairs if g == 'frozen']
+    trained_moved = [m for g, m in pairs if g != 'frozen']
+    assert frozen_moved and not any(frozen_moved)
+    assert any(trained_moved)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_loss():
+    config = default.get_config()
+    config.model.width = 0.0625
+    config.model.dtype = 'bfloat16'
+    config.input.crop_size = (36, 36)
+    _, state, summary = _run_steps(config)
+    assert {x.dtype for x in jax.tree_util.tree_leaves(state.params)} == {jnp.dtype('float32')}
+    assert summary['loss'].dtype == jnp.float32 and np.isfinite(float(summary['loss']))
+
+
+def _main_command(workdir, data_dir, *extra):
+    return [
+        sys.executable,
+        '-m',
+        'fcn_unet_jax.main',
+        f'--config={REPO}/configs/default.py',
+        f'--workdir={workdir}',
+        '--config.dataset.name=shapes/small',
+        f'--config.dataset.data_dir={data_dir}',
+        '--config.dataset.train_split=train[:64]',
+        '--config.dataset.eval_split=validation[:8]',
+        '--config.input.crop_size=(32, 32)',
+        '--config.input.eval_pad_size=(64, 64)',
+        '--config.model.width=0.0625',
+        '--config.batch_size=4',
+        '--config.eval_batch_size=4',
+        '--config.log_every_steps=1',
+        '--config.eval_every_steps=100000',
+        '--config.checkpoint_every_steps=100000',
+        *extra,
+    ]
+
+
+def _env(cache_dir):
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_COMPILATION_CACHE_DIR=cache_dir)
+    env.update({name.upper(): str(value) for name, value in FAST_COMPILE.items()})
+    env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
+    return env
+
+
+@pytest.mark.slow
+def test_main_sigterm_saves_at_step_boundary_then_resumes_and_evaluates(
+    data_dir, tmp_path, fast_compile
+):
+    """SIGTERM mid-run saves the current step; rerunning the command finishes the run."""
+    long_run = _main_command(tmp_path, data_dir, '--config.num_train_steps=100000')
+    process = subprocess.Popen(
+        long_run, env=_env(fast_compile), cwd=REPO, stderr=subprocess.PIPE, text=True
+    )
+    log = tmp_path / train.METRICS_LOG_FILE
+    deadline = time.time() + 120
+    while not (log.exists() and len(log.read_text().splitlines()) >= 2):
+        assert process.poll() is None, process.stderr.read()
+        assert time.time() < deadline, 'training did not start'
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert 'Stopped by SIGTERM' in stderr
+    steps = checkpoint_manager.CheckpointManager(str(tmp_path), keep=None).all_steps()
+    assert len(steps) == 1 and 2 <= steps[0] < 100000
+    assert not (tmp_path / train.EVAL_RESULTS_FILE).exists()
+
+    finish = _main_command(tmp_path, data_dir, f'--config.num_train_steps={steps[0] + 1}')
+    subprocess.run(finish, env=_env(fast_compile), cwd=REPO, check=True, capture_output=True)
+    report = json.loads((tmp_path / train.EVAL_RESULTS_FILE).read_text())
+    assert report['step'] == steps[0] + 1
+
+    evaluate = _main_command(tmp_path, data_dir, '--mode=eval', '--split=validation[:4]')
+    subprocess.run(evaluate, env=_env(fast_compile), cwd=REPO, check=True, capture_output=True)
+    split_report = json.loads((tmp_path / 'eval_results_validation_4.json').read_text())
+    assert split_report['step'] == steps[0] + 1 and split_report['split'] == 'validation[:4]'
+    assert np.sum(split_report['confusion_matrix']) == 4 * 64 * 64
