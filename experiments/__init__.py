@@ -1,0 +1,1 @@
+"""Launch scripts that produce the project's tables, plots and demos."""
