@@ -33,6 +33,7 @@ import optax
 from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
 from etils import epath
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -303,8 +304,6 @@ def prepare_dataset(config: ml_collections.ConfigDict) -> None:
     if jax.process_index() == 0:
         builders.prepare(config.dataset)
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices('prepare_dataset')
         builders.prepare(config.dataset)
 
@@ -427,8 +426,6 @@ class _SigtermFlag:
         """Whether any process was signalled (all processes must agree to stop together)."""
         if jax.process_count() == 1:
             return self.received
-        from jax.experimental import multihost_utils
-
         flags = multihost_utils.process_allgather(np.asarray(self.received, np.int32))
         return bool(np.any(flags))
 
