@@ -24,7 +24,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from configs import default
-from fcn_unet_jax import checkpoints, models
+from fcn_unet_jax import checkpoints, models, train
 from fcn_unet_jax.models.resnet import ResNet
 from fcn_unet_jax.models.vgg import VGG16
 
@@ -482,3 +482,27 @@ def test_keras_vgg16_fc_layers_become_fc6_fc7(tmp_path):
     fc7 = nn.Conv(4096, (1, 1)).apply({'params': params['fc7']}, nn.relu(fc6))
     diff = _assert_close(nn.relu(fc7).reshape(1, 4096), reference)
     print('Keras VGG16 fc2 as fc7: relative max diff', diff)
+
+
+def test_trainer_init_from_a_converted_checkpoint(resnet50_state, tmp_path):
+    source = tmp_path / 'resnet50.npz'
+    np.savez(source, **resnet50_state)
+    converted = tmp_path / 'converted'
+    checkpoints.convert(source, 'fcn8s_resnet50', converted)
+    config = default.get_config()
+    config.model.name = 'fcn8s_resnet50'
+    config.model.num_classes = 21
+    config.init_from = str(converted)
+    initial = _abstract_variables('fcn8s_resnet50')
+
+    merged = train.init_from(config, initial)
+
+    expected = checkpoints.from_torchvision(resnet50_state, 'fcn8s_resnet50')
+    jax.tree.map(np.testing.assert_array_equal, _backbone(merged), _backbone(expected))
+    # The score layers are not in an ImageNet backbone: they keep their initialisation.
+    assert not any('backbone' in path for path in _unfilled(merged))
+    assert any('score_layer4' in path for path in _unfilled(merged))
+
+    config.model.name = 'fcn8s_resnet101'
+    with pytest.raises(ValueError, match="for model 'fcn8s_resnet50'.*builds 'fcn8s_resnet101'"):
+        train.init_from(config, _abstract_variables('fcn8s_resnet101'))
