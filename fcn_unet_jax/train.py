@@ -37,7 +37,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fcn_unet_jax import checkpoint_manager, losses, metrics, models, optimizers
+from fcn_unet_jax import checkpoint_manager, inference, losses, metrics, models, optimizers
 from fcn_unet_jax.data import builders, input_pipeline
 
 DATA_AXIS = 'data'
@@ -116,7 +116,11 @@ def _center_crop_to(x: jax.Array, size: tuple[int, int]) -> jax.Array:
 
 
 def _align_targets(logits: jax.Array, *targets: jax.Array | None) -> list[jax.Array | None]:
-    """Crops labels/weights/masks to a smaller output (unpadded models see extra context)."""
+    """Crops labels/weights to a smaller output (the VALID U-Net's training crops).
+
+    Only training needs this: evaluation goes through `inference`, whose output always has
+    the input's size (the VALID U-Net is overlap-tiled on a mirror-padded image).
+    """
     size = logits.shape[1:3]
     if size == targets[0].shape[1:3]:
         return list(targets)
@@ -288,15 +292,27 @@ def eval_step(
     state: TrainState,
     batch: Mapping[str, jax.Array],
     *,
-    model: flax.linen.Module,
+    predict_fn: Callable[[Any, jax.Array], jax.Array],
     num_classes: int,
     ignore_label: int,
 ) -> jax.Array:
-    """Confusion matrix of one padded global eval batch (summed over all devices)."""
-    logits = _main_logits(model.apply(state.variables(), batch['image'], train=False))
-    labels, mask = _align_targets(logits, batch['label'], batch.get('mask'))
-    preds = jnp.argmax(logits, axis=-1)
-    return metrics.confusion_matrix(labels, preds, num_classes, ignore_label, mask)
+    """Confusion matrix of one padded global eval batch (summed over all devices).
+
+    Args:
+      state: the train state to evaluate.
+      batch: `image` [B, H, W, C], `label` [B, H, W] and optionally `mask` [B, H, W].
+      predict_fn: `inference.make_predict_fn(...)`: `(variables, images) -> probabilities`
+        at the images' full size (whole-image or sliding-window, with test-time views).
+      num_classes: number of classes.
+      ignore_label: label value that is not scored.
+
+    Returns:
+      int confusion matrix [num_classes, num_classes] (rows ground truth).
+    """
+    preds = jnp.argmax(predict_fn(state.variables(), batch['image']), axis=-1)
+    return metrics.confusion_matrix(
+        batch['label'], preds, num_classes, ignore_label, batch.get('mask')
+    )
 
 
 def prepare_dataset(config: ml_collections.ConfigDict) -> None:
@@ -312,11 +328,6 @@ class Trainer:
     """Holds the model, mesh and compiled steps of one run."""
 
     def __init__(self, config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None):
-        if config.eval.mode != 'whole' or tuple(config.eval.scales) != (1.0,) or config.eval.flip:
-            raise ValueError(
-                'train.evaluate supports whole-image evaluation only (eval.mode="whole", '
-                'scales=(1.0,), flip=False); use the inference module for the others.'
-            )
         self.config = config
         self.mesh = create_mesh(devices)
         for name in ('batch_size', 'eval_batch_size'):
@@ -357,7 +368,8 @@ class Trainer:
         self.eval_step = jax.jit(
             functools.partial(
                 eval_step,
-                model=self.model,
+                # Sharded inference: each group of windows is split over the mesh's devices.
+                predict_fn=inference.make_predict_fn(self.model, config, self.mesh),
                 num_classes=config.model.num_classes,
                 ignore_label=config.dataset.ignore_label,
             ),

@@ -1,12 +1,14 @@
 """End-to-end tests of the train loop on a tiny `shapes` build with tiny models.
 
 Covered: 1 vs 4 devices, exact resume, NaN error, SIGTERM save and resume through
-`python -m fcn_unet_jax.main`, eval mode, init_from, frozen variables, bfloat16.
+`python -m fcn_unet_jax.main`, eval mode, sliding-window + flip eval, VALID U-Net eval on
+full labels, init_from, frozen variables, bfloat16.
 """
 
 import functools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +22,7 @@ import tensorflow_datasets as tfds
 
 from configs import default
 from fcn_unet_jax import checkpoint_manager, models, optimizers, train
-from fcn_unet_jax.data import builders
+from fcn_unet_jax.data import builders, input_pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -142,6 +144,35 @@ def test_resume_matches_uninterrupted_run(four_device_run, data_dir, tmp_path):
     assert resumed['step'] == 4
     assert train_losses(tmp_path) == pytest.approx(train_losses(workdir), rel=1e-6)
     assert_trees_close(saved_params(tmp_path), saved_params(workdir), rtol=1e-6, atol=1e-7)
+
+
+def test_eval_with_sliding_windows_and_flip(four_device_run, data_dir, tmp_path):
+    workdir, _ = four_device_run
+    shutil.copytree(workdir, tmp_path, dirs_exist_ok=True)  # Keep the shared run as it is.
+    config = tiny_config(
+        data_dir, **{'eval.mode': 'sliding', 'eval.window_size': (32, 32), 'eval.flip': True}
+    )
+    report = train.evaluate_checkpoint(config, str(tmp_path), split='validation[:4]')
+    assert report['step'] == 4
+    assert np.sum(report['confusion_matrix']) == 4 * 64 * 64
+    assert 0 <= report['mean_iou'] <= 1 and 0 <= report['pixel_accuracy'] <= 1
+
+
+def test_valid_unet_eval_scores_every_labelled_pixel(data_dir):
+    # The VALID U-Net's output is smaller than its input; inference overlap-tiles a mirrored
+    # image, so evaluation covers the full label, not only a centre crop of it.
+    config = tiny_config(
+        data_dir,
+        **{'model.padding': 'VALID', 'model.batch_norm': False, 'input.crop_size': (188, 188)},
+    )
+    config.dataset.eval_split = 'validation[:4]'
+    trainer = train.Trainer(config, jax.devices())
+    labelled = sum(
+        int(np.sum(batch['mask'] & (batch['label'] != config.dataset.ignore_label)))
+        for batch in input_pipeline.create_eval_iterable(config)
+    )
+    assert labelled == 4 * 64 * 64
+    assert np.sum(trainer.evaluate()['confusion_matrix']) == labelled
 
 
 def test_nan_loss_names_the_step(data_dir, tmp_path):
