@@ -96,6 +96,28 @@ class VolumesConfig(tfds.core.BuilderConfig):
         return {}
 
 
+def quantize_volume(data: np.ndarray, config: VolumesConfig) -> tuple[np.ndarray, float, float]:
+    """Normalises a volume's intensities and quantises them to uint8 as examples store them.
+
+    Training (`Volumes`) and volume prediction (`fcn_unet_jax.predict_volume`) both call
+    this, so a model sees the same pixel values at prediction time as in training.
+
+    Args:
+      data: Raw intensities, e.g. `Volume.data`.
+      config: Reads `intensity` and its parameters (`intensity_params`).
+
+    Returns:
+      (uint8 volume of `data`'s shape, low, high): normalised value ~= low + (high - low) /
+      255 * uint8 value.
+    """
+    values = volume_io.normalize_intensity(data, config.intensity, **config.intensity_params())
+    if config.intensity == 'ct_window':
+        low, high = 0.0, 1.0
+    else:
+        low, high = float(values.min()), float(values.max())
+    return volume_io.to_uint8(values, low, high), low, high
+
+
 def _cases(folder_path: str, dicom_folders: bool) -> dict[str, str]:
     """Maps case id -> path for the NIfTI files (and DICOM folders) in `folder_path`."""
     cases = {}
@@ -364,14 +386,7 @@ class Volumes(tfds.core.GeneratorBasedBuilder):
                 largest = int(foreground.max())
                 if largest >= len(self.info.metadata['class_names']):
                     self._grow_classes(largest + 1, label_path)
-            values = volume_io.normalize_intensity(
-                image.data, config.intensity, **config.intensity_params()
-            )
-            if config.intensity == 'ct_window':
-                low, high = 0.0, 1.0
-            else:
-                low, high = float(values.min()), float(values.max())
-            quantised = volume_io.to_uint8(values, low, high)
+            quantised, low, high = quantize_volume(image.data, config)
             for index in range(labels.shape[axis]):
                 mask = volume_io.slice_image(labels, axis, index)
                 if config.skip_empty_slices and not np.any(
