@@ -1,0 +1,109 @@
+"""End-to-end test of experiments/skip_ablation.py on a tiny `shapes` build.
+
+The sweep runs in-process: 2 U-Net variants x 2 seeds, 2 steps each, on 32 px crops of a
+few `shapes/small` images; then the results files are checked, and a rerun must reuse the
+finished runs instead of training again.
+"""
+
+import json
+import os
+
+import jax
+import pytest
+import tensorflow_datasets as tfds
+
+from configs import skip_ablation_shapes
+from experiments import skip_ablation
+from fcn_unet_jax import train
+from fcn_unet_jax.data import builders
+
+pytestmark = pytest.mark.usefixtures('fast_compiles')
+
+
+@pytest.fixture(scope='module', autouse=True)
+def compilation_cache(tmp_path_factory):
+    """A persistent compilation cache: each seed's run compiles its variant's steps again."""
+    settings = {
+        'jax_compilation_cache_dir': str(tmp_path_factory.mktemp('jit')),
+        'jax_persistent_cache_min_compile_time_secs': 0.0,
+        'jax_persistent_cache_min_entry_size_bytes': 0,
+    }
+    previous = {name: jax.config.values[name] for name in settings}
+    for name, value in settings.items():
+        jax.config.update(name, value)
+    yield
+    for name, value in previous.items():
+        jax.config.update(name, value)
+
+
+@pytest.fixture(scope='module')
+def tiny_config(tmp_path_factory):
+    """The sweep's U-Net base config at runlocal size on 16 train / 4 validation images."""
+    config = skip_ablation_shapes.get_config('unet,runlocal')
+    config.dataset.data_dir = str(tmp_path_factory.mktemp('tfds'))
+    builders.get_builder(config.dataset).download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+    )
+    config.dataset.train_split = 'train[:16]'
+    config.dataset.eval_split = 'validation[:4]'
+    config.model.width = 0.0625
+    config.input.crop_size = (32, 32)
+    config.input.eval_pad_size = (64, 64)
+    # Batches must split over the 4 devices that conftest simulates.
+    config.batch_size = 4
+    config.eval_batch_size = 4
+    config.num_train_steps = 2
+    return config
+
+
+def test_family_variants():
+    fcn = skip_ablation.family_variants('fcn', 'fcn8s_vgg16')
+    assert fcn['32s'] == ((), 'sum')
+    assert fcn['8s'] == ((16, 8), 'sum')
+    assert fcn['8s_concat'] == ((16, 8), 'concat')
+    unet = skip_ablation.family_variants('unet', 'unet')
+    assert list(unet) == ['full', 'no_s1', 'no_s2', 'no_s4', 'no_s8', 'none']
+    assert unet['no_s4'] == ((1, 2, 8), 'concat')
+    assert unet['none'] == ((), 'none')
+    with pytest.raises(ValueError, match='family'):
+        skip_ablation.family_variants('fcn', 'unet')
+
+
+def test_sweep_writes_table_plot_and_reuses_runs(tiny_config, tmp_path, monkeypatch):
+    output = str(tmp_path)
+    results = skip_ablation.run_sweep(tiny_config, 'unet', [0, 1], output, ['full', 'none'])
+
+    assert list(results['variants']) == ['full', 'none']
+    for variant in results['variants'].values():
+        assert set(variant['runs']) == {'0', '1'}
+        assert 0.0 <= variant['mean']['mean_iou'] <= 1.0
+        assert variant['std']['mean_iou'] >= 0.0
+    for name, merge in (('full', 'concat'), ('none', 'none')):
+        for seed in (0, 1):
+            with open(os.path.join(output, 'runs', f'{name}_seed{seed}', 'config.json')) as f:
+                run_config = json.load(f)
+            assert run_config['seed'] == seed
+            assert run_config['model']['merge'] == merge
+
+    with open(os.path.join(output, 'results.md')) as f:
+        rows = [line for line in f.read().splitlines() if line.startswith('| ')]
+    assert rows[0].startswith('| variant |') and 'mean IoU' in rows[0] and 'Dice' in rows[0]
+    assert [row.split('|')[1].strip() for row in rows[1:]] == ['full', 'none']
+    full = results['variants']['full']
+    assert f'{full["mean"]["mean_iou"]:.4f} ± {full["std"]["mean_iou"]:.4f}' in rows[1]
+    with open(os.path.join(output, 'results.png'), 'rb') as f:
+        assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+    with open(os.path.join(output, 'results.json')) as f:
+        assert json.load(f) == results
+
+    def no_training(*args, **kwargs):
+        raise AssertionError('a finished run was trained again')
+
+    monkeypatch.setattr(train, 'train_and_evaluate', no_training)
+    rerun = skip_ablation.run_sweep(tiny_config, 'unet', [0, 1], output, ['full', 'none'])
+    assert rerun['variants']['none']['mean'] == results['variants']['none']['mean']
+
+
+def test_unknown_variant_is_refused(tiny_config, tmp_path):
+    with pytest.raises(ValueError, match='Unknown variants'):
+        skip_ablation.run_sweep(tiny_config, 'unet', [0], str(tmp_path), ['8s'])
