@@ -16,13 +16,41 @@ import jax  # noqa: E402  (after XLA_FLAGS is set)
 import pytest  # noqa: E402
 
 
+def _update_jax_config(settings: dict) -> dict:
+    """Applies `settings` to jax.config and returns the previous values."""
+    previous = {name: jax.config.values[name] for name in settings}
+    for name, value in settings.items():
+        jax.config.update(name, value)
+    return previous
+
+
 @pytest.fixture(scope='module')
 def fast_compiles():
     """Turns off most XLA optimisations for a module that checks logic, not compiled speed.
 
     Use with `pytestmark = pytest.mark.usefixtures('fast_compiles')`.
     """
-    previous = jax.config.read('jax_disable_most_optimizations')
-    jax.config.update('jax_disable_most_optimizations', True)
+    previous = _update_jax_config({'jax_disable_most_optimizations': True})
     yield
-    jax.config.update('jax_disable_most_optimizations', previous)
+    _update_jax_config(previous)
+
+
+@pytest.fixture(scope='module')
+def fast_compile(tmp_path_factory) -> dict[str, str]:
+    """`fast_compiles` plus a persistent compilation cache for modules that train runs.
+
+    Compiled-code speed does not matter there; compile time does, and the runs compile
+    identical steps again and again, so a cache pays off.
+
+    Yields:
+      The same settings as environment variables, for subprocesses of the test.
+    """
+    settings = {
+        'jax_disable_most_optimizations': True,
+        'jax_compilation_cache_dir': str(tmp_path_factory.mktemp('jit')),
+        'jax_persistent_cache_min_compile_time_secs': 0.0,
+        'jax_persistent_cache_min_entry_size_bytes': 0,
+    }
+    previous = _update_jax_config(settings)
+    yield {name.upper(): str(value) for name, value in settings.items()}
+    _update_jax_config(previous)

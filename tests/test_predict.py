@@ -10,12 +10,11 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
-from test_train import FAST_COMPILE, REPO, tiny_config
+from test_train import REPO, tiny_config
 
 from fcn_unet_jax import inference, predict, train
 from fcn_unet_jax.data import builders
@@ -23,15 +22,7 @@ from fcn_unet_jax.data import builders
 NUM_CLASSES = 4  # shapes: background, circle, rectangle, triangle.
 
 
-@pytest.fixture(scope='module', autouse=True)
-def fast_compile(tmp_path_factory):
-    settings = dict(FAST_COMPILE, jax_compilation_cache_dir=str(tmp_path_factory.mktemp('jit')))
-    previous = {name: jax.config.values[name] for name in settings}
-    for name, value in settings.items():
-        jax.config.update(name, value)
-    yield settings['jax_compilation_cache_dir']
-    for name, value in previous.items():
-        jax.config.update(name, value)
+pytestmark = pytest.mark.usefixtures('fast_compile')
 
 
 @pytest.fixture(scope='module')
@@ -148,8 +139,7 @@ def test_command_line_with_a_glob(workdir, palette, tmp_path, fast_compile):
     _corrupt(tmp_path / 'two.png')
     _save(tmp_path / 'three.jpg', (40, 30, 3))  # Not matched by the glob.
     output = tmp_path / 'out'
-    env = dict(os.environ, PYTHONPATH=REPO, JAX_COMPILATION_CACHE_DIR=fast_compile)
-    env.update({name.upper(): str(value) for name, value in FAST_COMPILE.items()})
+    env = dict(os.environ, PYTHONPATH=REPO, **fast_compile)
     env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
     command = [
         sys.executable,

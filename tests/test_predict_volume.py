@@ -17,13 +17,14 @@ import tensorflow_datasets as tfds
 nibabel = pytest.importorskip('nibabel')
 pytest.importorskip('pydicom')
 
-from test_train import FAST_COMPILE  # noqa: E402
 from test_volumes import _dicom_series, _save_nifti  # noqa: E402
 
 from configs import unet_nifti  # noqa: E402
 from fcn_unet_jax import metrics, predict, predict_volume, train  # noqa: E402
 from fcn_unet_jax.data import builders, volume_io  # noqa: E402
 from fcn_unet_jax.data.builders import volumes  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures('fast_compile')
 
 NUM_CLASSES = 3
 CASES = ('axial_a', 'axial_b', 'ct_dicom', 'oblique')
@@ -43,19 +44,6 @@ def _swapped_oblique_affine() -> np.ndarray:
 
 def _labels_of(raw: np.ndarray) -> np.ndarray:
     return (raw > 100).astype(np.uint8) + (raw > 200).astype(np.uint8)
-
-
-@pytest.fixture(scope='module', autouse=True)
-def fast_compile(tmp_path_factory):
-    import jax
-
-    settings = dict(FAST_COMPILE, jax_compilation_cache_dir=str(tmp_path_factory.mktemp('jit')))
-    previous = {name: jax.config.values[name] for name in settings}
-    for name, value in settings.items():
-        jax.config.update(name, value)
-    yield
-    for name, value in previous.items():
-        jax.config.update(name, value)
 
 
 @pytest.fixture(scope='module')

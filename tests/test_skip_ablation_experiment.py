@@ -8,7 +8,6 @@ finished runs instead of training again.
 import json
 import os
 
-import jax
 import pytest
 import tensorflow_datasets as tfds
 
@@ -17,23 +16,7 @@ from experiments import skip_ablation
 from fcn_unet_jax import train
 from fcn_unet_jax.data import builders
 
-pytestmark = pytest.mark.usefixtures('fast_compiles')
-
-
-@pytest.fixture(scope='module', autouse=True)
-def compilation_cache(tmp_path_factory):
-    """A persistent compilation cache: each seed's run compiles its variant's steps again."""
-    settings = {
-        'jax_compilation_cache_dir': str(tmp_path_factory.mktemp('jit')),
-        'jax_persistent_cache_min_compile_time_secs': 0.0,
-        'jax_persistent_cache_min_entry_size_bytes': 0,
-    }
-    previous = {name: jax.config.values[name] for name in settings}
-    for name, value in settings.items():
-        jax.config.update(name, value)
-    yield
-    for name, value in previous.items():
-        jax.config.update(name, value)
+pytestmark = pytest.mark.usefixtures('fast_compile')
 
 
 @pytest.fixture(scope='module')

@@ -27,24 +27,7 @@ from fcn_unet_jax.data import builders, input_pipeline
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-FAST_COMPILE = {
-    # Compiled-code speed does not matter here; compile time does, and the runs below
-    # compile identical steps again and again, so a persistent cache pays off.
-    'jax_disable_most_optimizations': True,
-    'jax_persistent_cache_min_compile_time_secs': 0.0,
-    'jax_persistent_cache_min_entry_size_bytes': 0,
-}
-
-
-@pytest.fixture(scope='module', autouse=True)
-def fast_compile(tmp_path_factory):
-    settings = dict(FAST_COMPILE, jax_compilation_cache_dir=str(tmp_path_factory.mktemp('jit')))
-    previous = {name: jax.config.values[name] for name in settings}
-    for name, value in settings.items():
-        jax.config.update(name, value)
-    yield settings['jax_compilation_cache_dir']
-    for name, value in previous.items():
-        jax.config.update(name, value)
+pytestmark = pytest.mark.usefixtures('fast_compile')
 
 
 @pytest.fixture(scope='module')
@@ -281,9 +264,8 @@ def _main_command(workdir, data_dir, *extra):
     ]
 
 
-def _env(cache_dir):
-    env = dict(os.environ, PYTHONPATH=REPO, JAX_COMPILATION_CACHE_DIR=cache_dir)
-    env.update({name.upper(): str(value) for name, value in FAST_COMPILE.items()})
+def _env(fast_compile_env):
+    env = dict(os.environ, PYTHONPATH=REPO, **fast_compile_env)
     env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
     return env
 
