@@ -1,14 +1,8 @@
 r"""torchvision FCN-ResNet101 (dilated, output stride 8, aux head) on PASCAL VOC train_aug.
 
-Follows torchvision's segmentation reference recipe (references/segmentation/train.py, the
-recipe behind `fcn_resnet101`): SGD momentum 0.9, poly schedule from 0.02 with power
-0.9, weight decay 1e-4, global batch 32, 30 epochs, auxiliary FCNHead on layer3 with loss
-weight 0.5, ImageNet-pretrained backbone. Augmentation: torchvision resizes the shorter
-side to a random size in [260, 1040] (0.5x to 2x its base size 520), flips and crops 480;
-here the equivalent is a random rescale by 0.5 to 2.0, flip, and a 480 x 480 crop padded
-with the ignore label. Data: `voc_segmentation/train_aug` (VOC 2012 train + SBD, 10,582
-images), evaluated on VOC 2012 val (1,449). 30 epochs = 30 x floor(10,582 / 32) = 9,900
-steps.
+The same torchvision reference recipe as `fcn_resnet50_voc.py` (SGD momentum 0.9, poly lr
+0.02, wd 1e-4, global batch 32, crop 480, random rescale 0.5-2.0, aux loss 0.5, 30 epochs
+= 9,900 steps on `voc_segmentation/train_aug`), on ResNet-101.
 
 Numbers torchvision reports for its `FCN_ResNet101_Weights.COCO_WITH_VOC_LABELS_V1`:
 mean IoU 63.7, pixel accuracy 91.9. Those are NOT VOC results: that model is trained on the
@@ -30,39 +24,15 @@ converted once with
 
 import ml_collections
 
-from configs import default
+from configs import fcn_resnet50_voc
 
-TRAIN_AUG_IMAGES = 10_582
-EPOCHS = 30
 INIT_FROM = 'weights/fcn_resnet101_imagenet'
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Returns the config; `arg='runlocal'` shrinks it to a smoke run."""
-    config = default.get_config()
-    config.dataset.name = 'voc_segmentation/train_aug'
+    config = fcn_resnet50_voc.get_config(arg)
     config.model.name = 'fcn_resnet101'
-    config.model.num_classes = 21
-    config.model.aux_head = True
-    config.input.crop_size = (480, 480)
-    config.input.scale_range = (0.5, 2.0)
-    config.input.hflip = True
-    config.input.normalization = 'imagenet'
-    config.batch_size = 32
-    config.eval_batch_size = 8
-    config.loss.aux_weight = 0.5
-    config.optimizer.name = 'sgd'
-    config.optimizer.learning_rate = 0.02
-    config.optimizer.schedule = 'poly'
-    config.optimizer.poly_power = 0.9
-    config.optimizer.momentum = 0.9
-    config.optimizer.weight_decay = 1e-4
-    config.num_train_steps = EPOCHS * (TRAIN_AUG_IMAGES // 32)
-    config.log_every_steps = 50
-    config.eval_every_steps = 990  # Every 3 epochs.
-    config.checkpoint_every_steps = 330  # Every epoch.
-    config.init_from = INIT_FROM
-    if arg and 'runlocal' in arg.split(','):
-        default.apply_runlocal(config)
-        config.init_from = None
+    if config.init_from is not None:  # None after runlocal.
+        config.init_from = INIT_FROM
     return config

@@ -267,18 +267,33 @@ def run(workdir: str, input_path: str, output_dir: str, **overrides) -> int:
     return 0 if result.written else 1
 
 
+_INFERENCE_FLAGS = ('mode', 'window_size', 'window_overlap', 'flip', 'scales', 'batch_size')
+
+
+def define_inference_flags() -> None:
+    """Defines the flags that override `config.eval` (shared with `predict_volume`)."""
+    flags.DEFINE_enum('mode', None, list(inference.MODES), 'Overrides config.eval.mode.')
+    flags.DEFINE_list('window_size', None, 'H,W: overrides config.eval.window_size.')
+    flags.DEFINE_float('window_overlap', None, 'Overrides config.eval.window_overlap.')
+    flags.DEFINE_bool('flip', None, 'Overrides config.eval.flip (left-right flip TTA).')
+    flags.DEFINE_list('scales', None, 'Comma-separated scales: overrides config.eval.scales.')
+    flags.DEFINE_integer(
+        'batch_size', None, 'Overrides config.eval_batch_size (images or slices per call).'
+    )
+
+
+def inference_overrides() -> dict:
+    """The values of the `define_inference_flags` flags, as `override_eval` keywords."""
+    return {name: FLAGS[name].value for name in _INFERENCE_FLAGS}
+
+
 def _define_flags() -> None:
     # Defined only when run as a program, so importing this module next to
     # `fcn_unet_jax.main` (which has --workdir and --mode too) cannot clash.
     flags.DEFINE_string('workdir', None, 'Training workdir (config.json and checkpoints).')
     flags.DEFINE_string('input', None, 'An image file, a folder of images or a glob pattern.')
     flags.DEFINE_string('output', None, 'Folder for the masks and overlays.')
-    flags.DEFINE_enum('mode', None, list(inference.MODES), 'Overrides config.eval.mode.')
-    flags.DEFINE_list('window_size', None, 'H,W: overrides config.eval.window_size.')
-    flags.DEFINE_float('window_overlap', None, 'Overrides config.eval.window_overlap.')
-    flags.DEFINE_bool('flip', None, 'Overrides config.eval.flip (left-right flip TTA).')
-    flags.DEFINE_list('scales', None, 'Comma-separated scales: overrides config.eval.scales.')
-    flags.DEFINE_integer('batch_size', None, 'Overrides config.eval_batch_size.')
+    define_inference_flags()
     flags.mark_flags_as_required(['workdir', 'input', 'output'])
 
 
@@ -286,19 +301,7 @@ def main(argv: list[str]) -> None:
     """Runs `run` with the command-line flags and exits with its status."""
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-    sys.exit(
-        run(
-            FLAGS.workdir,
-            FLAGS.input,
-            FLAGS.output,
-            mode=FLAGS.mode,
-            window_size=FLAGS.window_size,
-            window_overlap=FLAGS.window_overlap,
-            flip=FLAGS.flip,
-            scales=FLAGS.scales,
-            batch_size=FLAGS.batch_size,
-        )
-    )
+    sys.exit(run(FLAGS.workdir, FLAGS.input, FLAGS.output, **inference_overrides()))
 
 
 if __name__ == '__main__':

@@ -344,12 +344,7 @@ def _define_flags() -> None:
     flags.DEFINE_string('output', None, 'Folder for the label volumes and metrics.')
     flags.DEFINE_string('labels', None, 'Folder of ground-truth label volumes <case>.nii.gz.')
     flags.DEFINE_string('split', None, "A split of the run's volumes root, e.g. validation.")
-    flags.DEFINE_enum('mode', None, list(inference.MODES), 'Overrides config.eval.mode.')
-    flags.DEFINE_list('window_size', None, 'H,W: overrides config.eval.window_size.')
-    flags.DEFINE_float('window_overlap', None, 'Overrides config.eval.window_overlap.')
-    flags.DEFINE_bool('flip', None, 'Overrides config.eval.flip (left-right flip TTA).')
-    flags.DEFINE_list('scales', None, 'Comma-separated scales: overrides config.eval.scales.')
-    flags.DEFINE_integer('batch_size', None, 'Overrides config.eval_batch_size (slices a call).')
+    predict.define_inference_flags()
     flags.mark_flags_as_required(['workdir', 'output'])
 
 
@@ -364,12 +359,7 @@ def main(argv: list[str]) -> None:
             FLAGS.output,
             labels_dir=FLAGS.labels,
             split=FLAGS.split,
-            mode=FLAGS.mode,
-            window_size=FLAGS.window_size,
-            window_overlap=FLAGS.window_overlap,
-            flip=FLAGS.flip,
-            scales=FLAGS.scales,
-            batch_size=FLAGS.batch_size,
+            **predict.inference_overrides(),
         )
     )
 
