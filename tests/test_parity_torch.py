@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_weight_import import assert_relative_close
 
 from configs import default
 from fcn_unet_jax import checkpoints, models
@@ -49,17 +50,6 @@ except ImportError:
     pytest.skip('torchvision is not installed', allow_module_level=True)
 
 pytestmark = pytest.mark.parity
-
-
-def _assert_close(ours, ref, rtol=1e-4):
-    """max |ours - ref| <= rtol * max |ref|; returns the relative difference."""
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    assert ours.shape == ref.shape
-    scale = np.abs(ref).max()
-    assert scale > 0
-    diff = np.abs(ours - ref).max()
-    assert diff <= rtol * scale, f'max diff {diff:.3g} vs output scale {scale:.3g}'
-    return diff / scale
 
 
 def _randomise(module, seed=0):
@@ -136,7 +126,7 @@ def test_resnet50_backbone():
         expected = _nhwc(r.layer4(r.layer3(r.layer2(r.layer1(y)))))
     pretrained = checkpoints.from_torchvision(reference.state_dict(), 'fcn8s_resnet50')
     ours = ResNet(depth=50).apply(_backbone(pretrained), x, train=False)[32]
-    print('resnet50 backbone: relative max diff', _assert_close(ours, expected))
+    print('resnet50 backbone: relative max diff', assert_relative_close(ours, expected))
     _, abstract = _model_and_abstract('fcn8s_resnet50')
     merged = checkpoints.merge_pretrained(abstract, pretrained)
     assert not [p for p in _unfilled(merged) if 'backbone' in p]
@@ -150,7 +140,7 @@ def test_vgg16_backbone_with_fc6_fc7():
     with torch.no_grad():
         expected = _nhwc(reference.features(xt))
     ours = VGG16(fcn=False).apply(_backbone(pretrained), x, train=False)[32]
-    print('vgg16 features: relative max diff', _assert_close(ours, expected))
+    print('vgg16 features: relative max diff', assert_relative_close(ours, expected))
 
     # FCN form: conv1_1 padded by 100, ceil-mode pooling, then the classifier's first two
     # Linear layers applied as convolutions (fc6 = classifier.0 viewed as 4096x512x7x7).
@@ -166,7 +156,7 @@ def test_vgg16_backbone_with_fc6_fc7():
         )
         y = torch.relu(torch.nn.functional.conv2d(y, fc7.weight.view(4096, 4096, 1, 1), fc7.bias))
     ours = VGG16(fcn=True).apply(_backbone(pretrained), x, train=False)[32]
-    print('vgg16 fc7 (FCN form): relative max diff', _assert_close(ours, _nhwc(y)))
+    print('vgg16 fc7 (FCN form): relative max diff', assert_relative_close(ours, _nhwc(y)))
 
     for name in ('fcn8s_vgg16', 'unet_vgg16'):
         _, abstract = _model_and_abstract(name)
@@ -192,7 +182,7 @@ def test_fcn_resnet_full_model_with_aux(depth):
     assert _unfilled(variables) == []
     ours = model.apply(variables, x, train=False)
     for key in ('out', 'aux'):
-        print(f'{name} {key}: relative max diff', _assert_close(ours[key], expected[key]))
+        print(f'{name} {key}: relative max diff', assert_relative_close(ours[key], expected[key]))
 
 
 @pytest.mark.parametrize('encoder', ['resnet50', 'vgg16'])
@@ -208,4 +198,4 @@ def test_smp_unet_full_model(encoder):
     variables = checkpoints.merge_pretrained(abstract, pretrained)
     assert _unfilled(variables) == []
     ours = model.apply(variables, x, train=False)
-    print(f'smp Unet {encoder}: relative max diff', _assert_close(ours, expected))
+    print(f'smp Unet {encoder}: relative max diff', assert_relative_close(ours, expected))

@@ -32,7 +32,7 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESNET_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 
 
-def _assert_close(ours, ref, rtol=1e-4):
+def assert_relative_close(ours, ref, rtol=1e-4):
     """max |ours - ref| <= rtol * max |ref|; returns the relative difference."""
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
     assert ours.shape == ref.shape
@@ -384,7 +384,7 @@ def test_keras_vgg16_parity_in_every_layout(tmp_path):
     for layout in ('save_h5', 'keras_archive', 'applications'):
         other = checkpoints.from_keras(paths[layout], 'unet_vgg16')
         jax.tree.map(np.testing.assert_array_equal, other, pretrained)
-    diff = _assert_close(_run_encoder(VGG16(fcn=False), pretrained, x), reference)
+    diff = assert_relative_close(_run_encoder(VGG16(fcn=False), pretrained, x), reference)
     print('Keras VGG16 block5_pool: relative max diff', diff)
 
     merged = checkpoints.merge_pretrained(_abstract_variables('unet_vgg16'), pretrained)
@@ -426,7 +426,8 @@ def test_keras_resnet50_parity(tmp_path):
     for layout in ('save_h5', 'applications'):
         other = checkpoints.from_keras(paths[layout], 'fcn_resnet50')
         jax.tree.map(np.testing.assert_array_equal, other, pretrained)
-    diff = _assert_close(_run_encoder(ResNet(depth=50, variant='caffe'), pretrained, x), reference)
+    ours = _run_encoder(ResNet(depth=50, variant='caffe'), pretrained, x)
+    diff = assert_relative_close(ours, reference)
     print('Keras ResNet50 conv5_block3_out: relative max diff', diff)
 
     for name in ('fcn_resnet50', 'fcn8s_resnet50', 'unet_resnet50'):
@@ -480,7 +481,7 @@ def test_keras_vgg16_fc_layers_become_fc6_fc7(tmp_path):
     params = pretrained['params']['backbone']
     fc6 = nn.Conv(4096, (7, 7), padding='VALID').apply({'params': params['fc6']}, features)
     fc7 = nn.Conv(4096, (1, 1)).apply({'params': params['fc7']}, nn.relu(fc6))
-    diff = _assert_close(nn.relu(fc7).reshape(1, 4096), reference)
+    diff = assert_relative_close(nn.relu(fc7).reshape(1, 4096), reference)
     print('Keras VGG16 fc2 as fc7: relative max diff', diff)
 
 
