@@ -36,7 +36,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Configs whose argument string picks a preset: every preset is checked.
 PRESETS = {
     'folder_preset': [f'{m},{s}' for m in folder_preset.MODELS for s in folder_preset.BATCH_SIZES],
-    'skip_ablation_shapes': list(skip_ablation_shapes.FAMILY_MODELS),
+    'skip_ablation_shapes': list(skip_ablation_shapes.FAMILY_RECIPES),
 }
 CONFIG_NAMES = sorted(
     os.path.basename(path)[:-3]
