@@ -3,8 +3,8 @@ r"""FCN-8s at-once (VGG16) on PASCAL VOC (SBD train, seg11valid): the FCN paper'
 Reproduces Long, Shelhamer, Darrell, Fully Convolutional Networks for Semantic Segmentation
 (CVPR 2015 / PAMI 2016) and the reference code shelhamer/fcn.berkeleyvision.org
 (`voc-fcn8s-atonce/`): the PAMI paper reports all-at-once training on par with the staged
-FCN-8s (65.5 mean IU on seg11valid); 65.4 is the at-once figure as we recall it, not
-re-checked against the paper.
+FCN-8s (65.5 mean IU on seg11valid) without a separate number, so `experiments.replicate`
+lists this recipe with that note instead of a delta.
 Recipe (configs/fcn_voc_recipe.py): SGD momentum 0.99, batch 1, summed loss, learning
 rate 1e-10 (biases x2, no weight decay on biases, 5e-4 on weights), constant schedule,
 100,000 iterations, frozen bilinear upsamplers, whole images padded with the ignore label

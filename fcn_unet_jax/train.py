@@ -44,6 +44,9 @@ DATA_AXIS = 'data'
 EVAL_RESULTS_FILE = 'eval_results.json'
 METRICS_LOG_FILE = 'metrics.jsonl'
 CONFIG_FILE = 'config.json'
+RUN_INFO_FILE = 'run_info.json'
+# The run_info fields that must agree for two segments of a run to share one wall time.
+_HARDWARE_KEYS = ('platform', 'device_kind', 'device_count', 'process_count')
 # Variable collections the train step updates (other non-param collections, such as the
 # FCN's fixed bilinear upsamplers in `frozen`, are carried along unchanged).
 MUTABLE_COLLECTIONS = ('batch_stats',)
@@ -502,6 +505,33 @@ def _check_finite(step: int, summary: Mapping[str, jax.Array]) -> dict[str, floa
     return values
 
 
+def run_info(
+    config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
+) -> dict[str, Any]:
+    """The hardware and software a run trains on, for reports next to its metrics.
+
+    Args:
+      config: the run's config (`batch_size` is the global batch).
+      devices: the mesh's devices; default all devices of all processes.
+
+    Returns:
+      `platform` ('cpu', 'gpu', 'tpu'), `device_kind` (e.g. 'TPU v4'), `device_count` (devices
+      of the mesh), `local_device_count` (those of this process), `process_count`,
+      `global_batch_size`, `jax_version` and `flax_version`.
+    """
+    devices = list(devices) if devices is not None else jax.devices()
+    return {
+        'platform': devices[0].platform,
+        'device_kind': devices[0].device_kind,
+        'device_count': len(devices),
+        'local_device_count': sum(d.process_index == jax.process_index() for d in devices),
+        'process_count': jax.process_count(),
+        'global_batch_size': config.batch_size,
+        'jax_version': jax.__version__,
+        'flax_version': flax.__version__,
+    }
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -518,16 +548,22 @@ def train_and_evaluate(
     Returns:
       Summaries: `step`, `train_loss` (mean over the last logging interval), `eval` (the
       final evaluation report, as written to eval_results.json), `preempted` (True when a
-      SIGTERM stopped training early; no final evaluation is then run).
+      SIGTERM stopped training early; no final evaluation is then run), `run_info` (as
+      written to run_info.json: `run_info(config, devices)` plus `end_step` and the
+      `wall_seconds` from `start_step` on, compilation, evaluation and checkpoints
+      included; a call that resumes where the previous one ended on the same hardware
+      adds to its record, otherwise `start_step` is where this call resumed).
 
     Raises:
       FloatingPointError: on a NaN/Inf loss, naming the step.
     """
+    began = time.time()
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
     trainer = Trainer(config, devices)
     write_json(workdir / CONFIG_FILE, config.to_dict())
+    info = run_info(config, trainer.mesh.devices.flat)
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
     json_log = _JsonLog(workdir / METRICS_LOG_FILE)
     manager = checkpoint_manager.CheckpointManager(workdir, keep=config.keep_checkpoints)
@@ -541,6 +577,19 @@ def train_and_evaluate(
     )
     start_step = int(to_host(trainer.state.step))
     total_steps = config.num_train_steps
+    info.update(start_step=start_step, wall_seconds=0.0)
+    previous_path = workdir / RUN_INFO_FILE
+    if start_step and previous_path.exists():
+        previous = json.loads(previous_path.read_text())
+        # Continue the previous call's record when it ended where this one starts (finished,
+        # or stopped by SIGTERM) on the same hardware; otherwise the time of the steps in
+        # between is unknown and the record starts again at `start_step`.
+        if previous.get('end_step') == start_step and all(
+            previous.get(key) == info[key] for key in _HARDWARE_KEYS
+        ):
+            info.update(start_step=previous['start_step'], wall_seconds=previous['wall_seconds'])
+    # Written now so that a run that crashes still records its hardware.
+    write_json(workdir / RUN_INFO_FILE, info)
 
     hooks: list[Callable[[int], None]] = []
     if is_main:
@@ -622,6 +671,9 @@ def train_and_evaluate(
                 _scalar_summaries(result, ''),
             )
     manager.close()
+    info.update(end_step=summaries['step'], wall_seconds=info['wall_seconds'] + time.time() - began)
+    write_json(workdir / RUN_INFO_FILE, info)
+    summaries['run_info'] = info
     return summaries
 
 

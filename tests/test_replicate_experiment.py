@@ -1,0 +1,243 @@
+"""Tests of experiments/replicate.py and of the run_info.json that train.py writes.
+
+Most tests write fake run directories with the files train.py writes (config.json from the
+real recipe configs, eval_results.json through `train.eval_report`, run_info.json from
+`train.run_info`), so no training is needed; one tiny real run on `shapes/small` checks that
+`train_and_evaluate` writes run_info.json, continues it when rerun, and that the table
+reads it.
+"""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from etils import epath
+
+from configs import (
+    default,
+    fcn8s_atonce_voc,
+    fcn16s_voc,
+    fcn32s_voc,
+    fcn_resnet50_voc,
+    shapes_unet,
+)
+from experiments import replicate
+from fcn_unet_jax import metrics, train
+from fcn_unet_jax.data import builders
+
+
+def _confusion(num_classes: int, correct: int, wrong: int) -> np.ndarray:
+    """`correct` pixels on the diagonal and `wrong` off it in every row."""
+    confusion = np.full((num_classes, num_classes), 0, np.int64)
+    confusion[np.arange(num_classes), np.arange(num_classes)] = correct
+    confusion[np.arange(num_classes), (np.arange(num_classes) + 1) % num_classes] = wrong
+    return confusion
+
+
+def write_run(
+    path,
+    config,
+    *,
+    correct: int = 9,
+    wrong: int = 1,
+    step: int | None = None,
+    info: dict | None = None,
+    files=('config', 'eval', 'run_info'),
+) -> dict:
+    """A fake run directory with the files train.py writes; returns its eval report."""
+    workdir = epath.Path(path)
+    workdir.mkdir(parents=True, exist_ok=True)
+    step = config.num_train_steps if step is None else step
+    result = metrics.scores(_confusion(config.model.num_classes, correct, wrong))
+    names = [f'class{i}' for i in range(config.model.num_classes)]
+    report = train.eval_report(result, names, step, config.dataset.eval_split)
+    if 'config' in files:
+        train.write_json(workdir / train.CONFIG_FILE, config.to_dict())
+    if 'eval' in files:
+        train.write_json(workdir / train.EVAL_RESULTS_FILE, report)
+    if 'run_info' in files:
+        content = train.run_info(config) | {'start_step': 0, 'end_step': step}
+        content |= {'wall_seconds': 7200.0} | (info or {})
+        train.write_json(workdir / train.RUN_INFO_FILE, content)
+    return report
+
+
+TPU = {'platform': 'tpu', 'device_kind': 'TPU v4', 'device_count': 4, 'local_device_count': 4}
+
+
+def test_match_recipe_uses_model_dataset_and_split():
+    assert replicate.match_recipe(fcn32s_voc.get_config().to_dict()) == 'fcn32s_voc'
+    assert replicate.match_recipe(fcn16s_voc.get_config().to_dict()) == 'fcn16s_voc'
+    # A smoke run keeps the recipe's identity; the table notes its other schedule.
+    assert replicate.match_recipe(fcn32s_voc.get_config('runlocal').to_dict()) == 'fcn32s_voc'
+    other_split = fcn32s_voc.get_config()
+    other_split.dataset.eval_split = 'validation[:10]'
+    assert replicate.match_recipe(other_split.to_dict()) is None
+    assert replicate.match_recipe(shapes_unet.get_config().to_dict()) is None
+    assert replicate.match_recipe(default.get_config().to_dict()) is None
+
+
+def test_table_of_record_holds_the_papers_numbers():
+    reported = {name: r.mean_iou for name, r in replicate.REPORTED.items()}
+    assert reported['fcn32s_voc'] == 63.6
+    assert reported['fcn16s_voc'] == 65.0
+    assert reported['fcn8s_voc'] == 65.5
+    assert reported['fcn_resnet50_voc'] == 60.5
+    assert reported['fcn_resnet101_voc'] == 63.7
+    for name in ('fcn_resnet50_voc', 'fcn_resnet101_voc'):
+        assert 'COCO' in replicate.REPORTED[name].caveat
+    # Every recipe is a config file whose signature is unique.
+    signatures = replicate._recipe_signatures()
+    assert len(set(signatures.values())) == len(signatures)
+
+
+def test_rows_delta_hardware_batch_and_outputs(tmp_path):
+    runs = tmp_path / 'workdirs'
+    r32 = write_run(runs / 'fcn32s_voc', fcn32s_voc.get_config(), info=TPU)
+    r16 = write_run(runs / 'fcn16s_voc', fcn16s_voc.get_config(), correct=19)
+    resnet = fcn_resnet50_voc.get_config()
+    write_run(runs / 'fcn_resnet50_voc', resnet, info=TPU | {'process_count': 2})
+    custom = shapes_unet.get_config()
+    write_run(runs / 'shapes_unet', custom, files=('config', 'eval'))
+
+    paths = [str(runs / n) for n in ('fcn32s_voc', 'fcn16s_voc', 'fcn_resnet50_voc')]
+    results = replicate.collect(paths + [str(runs / 'shapes_unet')])
+    rows = {os.path.basename(row['run']): row for row in results['rows']}
+    assert list(rows) == ['fcn32s_voc', 'fcn16s_voc', 'fcn_resnet50_voc', 'shapes_unet']
+
+    row = rows['fcn32s_voc']
+    assert row['recipe'] == 'fcn32s_voc' and row['title'] == 'FCN-32s'
+    assert row['mean_iou'] == pytest.approx(100 * r32['mean_iou'])
+    assert row['delta'] == pytest.approx(100 * r32['mean_iou'] - 63.6)
+    assert row['pixel_accuracy'] == pytest.approx(100 * r32['pixel_accuracy'])
+    assert row['hardware'] == '4 x TPU v4'
+    assert row['global_batch_size'] == 1 and row['step'] == 100_000
+    assert row['wall_seconds'] == 7200.0 and row['notes'] == []
+    assert rows['fcn16s_voc']['delta'] == pytest.approx(100 * r16['mean_iou'] - 65.0)
+    assert rows['fcn16s_voc']['hardware'] == f'{jax.device_count()} x cpu'
+    assert rows['fcn_resnet50_voc']['hardware'] == '4 x TPU v4 (2 hosts)'
+    assert rows['fcn_resnet50_voc']['global_batch_size'] == 32
+    assert 'not comparable: COCO subset' in rows['fcn_resnet50_voc']['notes']
+    # No recipe and no run_info.json: listed anyway, hardware unknown, batch from config.
+    unknown = rows['shapes_unet']
+    assert unknown['recipe'] is None and unknown['delta'] is None
+    assert unknown['reported_mean_iou'] is None
+    assert unknown['hardware'] == 'unknown' and unknown['wall_seconds'] is None
+    assert unknown['global_batch_size'] == custom.batch_size
+
+    table = replicate.markdown_table(results)
+    lines = table.splitlines()
+    header = next(line for line in lines if line.startswith('| recipe'))
+    for column in ('reported', 'mean IoU (%)', 'delta', 'global batch', 'hardware', 'wall time'):
+        assert f'| {column} |' in header
+    body = [line for line in lines if line.startswith('| ') and line != header]
+    cells = [c.strip() for c in body[0].split('|')[1:-1]]
+    assert cells[:4] == [
+        'FCN-32s',
+        'fcn32s_vgg16',
+        'voc_segmentation/sbd_fcn / validation (seg11valid)',
+        '63.6 mean IU',
+    ]
+    assert cells[4] == f'{100 * r32["mean_iou"]:.1f}'
+    assert cells[5] == f'{100 * r32["mean_iou"] - 63.6:+.1f}'
+    assert cells[7:11] == ['100,000', '1', '4 x TPU v4', '2.0 h']
+    assert [c.strip() for c in body[3].split('|')[1:-1]][3] == '—'
+    assert 'Caveats:' in table and 'COCO' in table and 'Sources:' in table
+
+    output = tmp_path / 'out'
+    replicate.write_outputs(results, str(output))
+    assert (output / 'replication.md').read_text() == table + '\n'
+    assert json.loads((output / 'replication.json').read_text()) == results
+
+
+def test_departures_from_the_recipe_are_noted(tmp_path):
+    smoke = fcn8s_atonce_voc.get_config('runlocal')
+    write_run(tmp_path / 'smoke', smoke, step=2, info={'start_step': 0, 'end_step': 2})
+    resumed = fcn32s_voc.get_config()
+    write_run(tmp_path / 'resumed', resumed, info={'start_step': 40_000})
+    notes = replicate.replication_row(str(tmp_path / 'smoke'))['notes']
+    assert 'no separate number: compare with staged FCN-8s' in notes
+    assert 'evaluated at step 2 of 4' in notes
+    assert 'recipe: 100,000 steps at batch 1' in notes
+    row = replicate.replication_row(str(tmp_path / 'resumed'))
+    assert row['wall_seconds'] is None and row['notes'] == ['resumed at step 40,000']
+
+
+def test_incomplete_runs_are_skipped_or_refused(tmp_path):
+    write_run(tmp_path / 'done', fcn32s_voc.get_config())
+    write_run(tmp_path / 'training', fcn16s_voc.get_config(), files=('config', 'run_info'))
+    (tmp_path / 'empty').mkdir()
+    runs = replicate.expand_runs([str(tmp_path / '*')])
+    assert runs == [str(tmp_path / n) for n in ('done', 'empty', 'training')]
+
+    results = replicate.collect(runs)
+    assert [row['run'] for row in results['rows']] == [str(tmp_path / 'done')]
+    reasons = {s['run']: s['reason'] for s in results['skipped']}
+    eval_path = os.path.join(tmp_path / 'training', 'eval_results.json')
+    assert eval_path in reasons[str(tmp_path / 'training')]
+    assert 'final evaluation' in reasons[str(tmp_path / 'training')]
+    assert os.path.join(tmp_path / 'empty', 'config.json') in reasons[str(tmp_path / 'empty')]
+    table = replicate.markdown_table(results)
+    assert 'Skipped (not in the table):' in table and eval_path in table
+
+    with pytest.raises(replicate.IncompleteRunError, match='eval_results.json'):
+        replicate.collect([str(tmp_path / 'done'), str(tmp_path / 'training')], strict=True)
+    with pytest.raises(replicate.IncompleteRunError, match='No finished run'):
+        replicate.collect([str(tmp_path / 'training')])
+    with pytest.raises(FileNotFoundError, match='does not exist'):
+        replicate.expand_runs([str(tmp_path / 'typo')])
+    with pytest.raises(FileNotFoundError, match='matches no directory'):
+        replicate.expand_runs([str(tmp_path / 'nothing*')])
+
+
+def test_run_info_describes_the_mesh():
+    config = default.get_config()
+    info = train.run_info(config, jax.devices()[:2])
+    assert info['platform'] == 'cpu' and info['device_kind'] == 'cpu'
+    assert info['device_count'] == 2 and info['local_device_count'] == 2
+    assert info['process_count'] == 1
+    assert info['global_batch_size'] == config.batch_size
+    assert info['jax_version'] == jax.__version__ and info['flax_version']
+    assert train.run_info(config)['device_count'] == jax.device_count()
+
+
+@pytest.mark.usefixtures('fast_compile')
+def test_train_and_evaluate_writes_run_info(tmp_path):
+    config = default.get_config()
+    config.dataset.name = 'shapes/small'
+    config.dataset.data_dir = str(tmp_path / 'tfds')
+    builders.get_builder(config.dataset).download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+    )
+    config.dataset.train_split = 'train[:8]'
+    config.dataset.eval_split = 'validation[:2]'
+    config.model.width = 0.0625
+    config.input.crop_size = (32, 32)
+    config.input.eval_pad_size = (64, 64)
+    config.batch_size = 2
+    config.eval_batch_size = 2
+    config.num_train_steps = 1
+    workdir = tmp_path / 'run'
+    summaries = train.train_and_evaluate(config, str(workdir), devices=jax.devices()[:2])
+
+    info = json.loads((workdir / train.RUN_INFO_FILE).read_text())
+    assert info == summaries['run_info']
+    assert info['device_count'] == 2 and info['global_batch_size'] == 2
+    assert info['start_step'] == 0 and info['end_step'] == 1 and info['wall_seconds'] > 0
+    row = replicate.replication_row(str(workdir))
+    assert row['hardware'] == '2 x cpu' and row['global_batch_size'] == 2
+    assert row['wall_seconds'] == info['wall_seconds']
+    assert row['mean_iou'] == pytest.approx(100 * summaries['eval']['mean_iou'])
+
+    # Rerunning a finished run only re-evaluates it: the record goes on from step 0.
+    again = train.train_and_evaluate(config, str(workdir), devices=jax.devices()[:2])['run_info']
+    assert again['start_step'] == 0 and again['end_step'] == 1
+    assert again['wall_seconds'] > info['wall_seconds']
+    # Other hardware than the record's: the time before cannot be added, the record restarts.
+    (workdir / train.RUN_INFO_FILE).write_text(json.dumps(again | {'device_kind': 'TPU v4'}))
+    other = train.train_and_evaluate(config, str(workdir), devices=jax.devices()[:2])['run_info']
+    assert other['start_step'] == 1 and other['wall_seconds'] < again['wall_seconds']
+    assert replicate.replication_row(str(workdir))['notes'] == ['resumed at step 1']
