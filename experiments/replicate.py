@@ -45,9 +45,17 @@ from absl import app, flags, logging
 from fcn_unet_jax import train
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list('runs', None, 'Run directories or glob patterns (comma-separated).')
-flags.DEFINE_string('output', None, 'Directory for replication.md and replication.json.')
-flags.DEFINE_bool('strict', False, 'Fail on a directory without config.json or eval_results.json.')
+
+
+def define_flags() -> None:
+    """Defines the command-line flags; called only when run as a program, so that importing
+    this module next to another experiment (e.g. in the tests) defines no clashing flags."""
+    flags.DEFINE_list('runs', None, 'Run directories or glob patterns (comma-separated).')
+    flags.DEFINE_string('output', None, 'Directory for replication.md and replication.json.')
+    flags.DEFINE_bool(
+        'strict', False, 'Fail on a directory without config.json or eval_results.json.'
+    )
+
 
 # The config fields that identify a recipe; their values are read from the recipe's config.
 MATCH_FIELDS = ('model.name', 'dataset.name', 'dataset.eval_split')
@@ -491,5 +499,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
+    define_flags()
     flags.mark_flags_as_required(['runs', 'output'])
     app.run(main)
