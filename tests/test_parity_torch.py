@@ -8,9 +8,6 @@ torchvision, segmentation-models-pytorch); without torch the module is skipped.
 """
 
 import functools
-import importlib
-import sys
-import types
 
 import jax
 import jax.numpy as jnp
@@ -19,33 +16,15 @@ import pytest
 from test_weight_import import assert_relative_close
 
 from configs import default
-from fcn_unet_jax import checkpoints, models
+from fcn_unet_jax import checkpoints, models, torch_interop
 from fcn_unet_jax.models.resnet import ResNet
 from fcn_unet_jax.models.vgg import VGG16
 
 torch = pytest.importorskip('torch')
 
 
-def _import_torchvision():
-    """Imports torchvision, also when its compiled ops cannot load beside this torch.
-
-    The offline wheel index holds only torchvision's CUDA build, whose `_C` library does not
-    load next to the CPU build of torch; torchvision's import then fails while registering
-    fake kernels for the ops that never loaded. The models used here are plain Python, so
-    on that failure torchvision is imported again without those registrations.
-    """
-    try:
-        return importlib.import_module('torchvision')
-    except RuntimeError:
-        for name in [n for n in sys.modules if n.split('.')[0] == 'torchvision']:
-            del sys.modules[name]
-        name = 'torchvision._meta_registrations'
-        sys.modules[name] = types.ModuleType(name)
-        return importlib.import_module('torchvision')
-
-
 try:
-    torchvision = _import_torchvision()
+    torchvision = torch_interop.import_torchvision()
 except ImportError:
     pytest.skip('torchvision is not installed', allow_module_level=True)
 

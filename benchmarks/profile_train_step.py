@@ -1,0 +1,203 @@
+r"""Where the time of one train step goes: a per-operation profile of the compiled step.
+
+Compiles the project's `train.train_step` for one model (random images and labels, SGD
+with momentum, as `model_benchmark.py`), runs a few steps under `jax.profiler.trace`, and
+reads the trace back (`jax.profiler.ProfileData`): every XLA operation the CPU runtime
+executed is an event named after its HLO instruction. Events are matched to the optimised
+HLO module and grouped by what they compute:
+
+* `conv kxk`: convolutions by window size: forward passes and input gradients (k = the
+  kernel size), and filter gradients, which XLA emits as convolutions whose window is the
+  activation map (k = its height and width, e.g. `conv 40x40` at 320 px / stride 8);
+* `matmul`: dot products (e.g. 1x1 convs written as matrix products, classifier heads);
+* `reduction`: reductions (BatchNorm statistics, loss, gradient sums);
+* `layout copy`: transposes, copies and reversals (e.g. the flipped, transposed kernels
+  of the backward pass's input-gradient convolutions);
+* `elementwise`: every other fusion (BatchNorm normalisation, ReLU, optimiser update...).
+
+Prints a Markdown table of the share of busy time per group and the slowest operations
+with their HLO shapes; `--trace_dir` keeps the trace for TensorBoard / XProf.
+
+    python -m benchmarks.profile_train_step --model=fcn_resnet50 [--size=320] [--steps=2]
+"""
+
+import collections
+import functools
+import glob
+import re
+import tempfile
+import time
+
+import numpy as np
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('model', 'fcn_resnet50', 'Model name (a key of fcn_unet_jax.models.MODELS).')
+flags.DEFINE_integer('size', 320, 'Square input size.')
+flags.DEFINE_integer('batch_size', 4, 'Batch size.')
+flags.DEFINE_integer('steps', 2, 'Profiled steps (after one warm-up step).')
+flags.DEFINE_integer('num_classes', 21, 'Output classes.')
+flags.DEFINE_integer('top', 15, 'Slowest operations listed.')
+flags.DEFINE_string('trace_dir', None, 'Keep the trace here (default: a temporary folder).')
+
+_INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) (\w[\w\-]*)\((.*)$')
+
+
+def parse_hlo(hlo_text: str) -> dict[str, dict[str, str]]:
+    """Maps each HLO instruction name to its opcode, shape, called ops and attributes.
+
+    For a fusion, `ops` lists the opcodes inside its fused computation, which tells what
+    the fused kernel computes.
+    """
+    computations: dict[str, list[str]] = collections.defaultdict(list)
+    instructions: dict[str, dict[str, str]] = {}
+    current = None
+    for line in hlo_text.splitlines():
+        header = re.match(r'^(?:ENTRY )?%?([\w.\-]+) .*\{$', line)
+        if header and not line.startswith(' '):
+            current = header.group(1)
+            continue
+        match = _INSTRUCTION.match(line)
+        if not match:
+            continue
+        name, shape, opcode, rest = match.groups()
+        computations[current].append(opcode)
+        called = re.search(r'calls=%?([\w.\-]+)', rest)
+        window = re.search(r'window=\{size=(\w+)', rest)
+        instructions[name] = {
+            'opcode': opcode,
+            'shape': shape,
+            'calls': called.group(1) if called else '',
+            'window': window.group(1) if window else '',
+        }
+    for info in instructions.values():
+        info['ops'] = ' '.join(computations.get(info['calls'], [])) or info['opcode']
+    return instructions
+
+
+def _inner_conv_windows(hlo_text: str) -> dict[str, str]:
+    """Fused computation name -> window size of the convolution inside it."""
+    windows, current = {}, None
+    for line in hlo_text.splitlines():
+        header = re.match(r'^%?([\w.\-]+) .*\{$', line)
+        if header:
+            current = header.group(1)
+            continue
+        if ' convolution(' in line and current:
+            window = re.search(r'window=\{size=(\w+)', line)
+            windows[current] = window.group(1) if window else '1x1'
+    return windows
+
+
+def classify(info: dict[str, str], windows: dict[str, str]) -> str:
+    """The group of an HLO instruction (see the module docstring)."""
+    ops = info['ops'].split()
+    if 'convolution' in ops:
+        window = info['window'] or windows.get(info['calls'], '1x1')
+        return f'conv {window}'
+    if 'dot' in ops:
+        return 'matmul'
+    if 'reduce' in ops or 'reduce-window' in ops or 'select-and-scatter' in ops:
+        return 'reduction'
+    if set(ops) <= {'transpose', 'copy', 'reverse', 'parameter', 'bitcast', 'tuple'}:
+        return 'layout copy'
+    return 'elementwise'
+
+
+def profile_events(trace_dir: str) -> collections.Counter:
+    """Total duration (ns) per event name of the XLA executor threads in the trace."""
+    from jax.profiler import ProfileData
+
+    totals: collections.Counter = collections.Counter()
+    for path in glob.glob(f'{trace_dir}/**/*.xplane.pb', recursive=True):
+        for plane in ProfileData.from_file(path).planes:
+            for line in plane.lines:
+                if not line.name.startswith('tf_XLA'):  # Python and other host threads.
+                    continue
+                for event in line.events:
+                    if not event.name.startswith('end: '):
+                        totals[event.name] += event.duration_ns
+    return totals
+
+
+def main(argv):
+    del argv
+    import jax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from configs import default
+    from fcn_unet_jax import models, train
+
+    config = default.get_config()
+    config.model.name = FLAGS.model
+    config.model.num_classes = FLAGS.num_classes
+    config.optimizer.name = 'sgd'
+    config.optimizer.momentum = 0.9
+    config.input.crop_size = (FLAGS.size, FLAGS.size)
+    rng = np.random.default_rng(0)
+    shape = (FLAGS.batch_size, FLAGS.size, FLAGS.size)
+    images = rng.normal(size=(*shape, 3)).astype(np.float32)
+    labels = rng.integers(0, FLAGS.num_classes, size=shape).astype(np.int32)
+
+    mesh = train.create_mesh()
+    model = models.build_model(config.model)
+    state, tx, schedule = train.create_train_state(config, model, mesh, jax.random.key(0))
+    replicated, batched = NamedSharding(mesh, P()), NamedSharding(mesh, P(train.DATA_AXIS))
+    batch = jax.device_put({'image': images, 'label': labels}, batched)
+    key = jax.device_put(jax.random.key(1), replicated)
+    step = (
+        jax.jit(
+            functools.partial(
+                train.train_step,
+                model=model,
+                tx=tx,
+                schedule=schedule,
+                loss_config=config.loss,
+                ignore_label=config.dataset.ignore_label,
+            ),
+            donate_argnums=(0,),
+        )
+        .lower(state, batch, key)
+        .compile()
+    )
+    state, summary = step(state, batch, key)
+    jax.block_until_ready(summary)
+    trace_dir = FLAGS.trace_dir or tempfile.mkdtemp(prefix='train_step_trace_')
+    start = time.perf_counter()
+    with jax.profiler.trace(trace_dir):
+        for _ in range(FLAGS.steps):
+            state, summary = step(state, batch, key)
+            jax.block_until_ready(summary)
+    wall_ms = (time.perf_counter() - start) * 1e3 / FLAGS.steps
+
+    hlo = step.as_text()
+    instructions, windows = parse_hlo(hlo), _inner_conv_windows(hlo)
+    totals = profile_events(trace_dir)
+    groups: collections.Counter = collections.Counter()
+    rows = []
+    for name, ns in totals.items():
+        info = instructions.get(name)
+        if info is None:  # Runtime bookkeeping, not an HLO operation.
+            continue
+        group = classify(info, windows)
+        groups[group] += ns
+        rows.append((ns, name, group, info['shape']))
+    busy = sum(groups.values())
+    steps = FLAGS.steps
+    print(
+        f'{FLAGS.model}, {FLAGS.size} px, batch {FLAGS.batch_size}: {wall_ms:.0f} ms per step '
+        f'(wall, with tracing), {busy / 1e6 / steps:.0f} ms of operations per step '
+        f'(summed over threads; operations also run concurrently)\n'
+    )
+    print('| group | ms / step | share |\n| --- | --- | --- |')
+    for group, ns in groups.most_common():
+        print(f'| {group} | {ns / 1e6 / steps:.0f} | {100 * ns / busy:.1f}% |')
+    print('\n| slowest operations | group | output shape | ms / step |\n| --- | --- | --- | --- |')
+    for ns, name, group, shape in sorted(rows, reverse=True)[: FLAGS.top]:
+        print(f'| {name} | {group} | {shape} | {ns / 1e6 / steps:.1f} |')
+    print(f'\nTrace: {trace_dir}')
+
+
+if __name__ == '__main__':
+    app.run(main)
