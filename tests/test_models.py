@@ -252,6 +252,55 @@ def test_bilinear_upsample_interpolates_linear_ramps():
     np.testing.assert_allclose(np.diff(inner, axis=1), 0.0, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    'kwargs',
+    [
+        {},
+        {'strides': (2, 2)},
+        {'strides': 2, 'use_bias': False, 'padding': 'VALID'},
+        {'padding': ((0, 0), (0, 0)), 'dtype': jnp.bfloat16},
+    ],
+)
+def test_pointwise_conv_equals_nn_conv_forward_and_backward(kwargs):
+    # Odd sizes: a strided 1x1 conv keeps rows/columns 0, s, 2s, ... (output ceil(n / s)).
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 9, 7, 5)), jnp.float32)
+    ref, ours = nn_conv(kwargs), layers.Conv(3, (1, 1), **kwargs)
+    variables = ref.init(jax.random.key(0), x)
+    ours_variables = ours.init(jax.random.key(0), x)
+    assert jax.tree_util.tree_map(jnp.shape, ours_variables) == jax.tree_util.tree_map(
+        jnp.shape, variables
+    )
+    np.testing.assert_array_equal(ours_variables['params']['kernel'], variables['params']['kernel'])
+    y_ref, y = ref.apply(variables, x), ours.apply(variables, x)
+    assert y.dtype == y_ref.dtype and y.shape == y_ref.shape
+    tol = 2e-2 if kwargs.get('dtype') == jnp.bfloat16 else 1e-5
+    np.testing.assert_allclose(np.float32(y), np.float32(y_ref), rtol=tol, atol=tol)
+
+    def loss(module, v, inputs):
+        return jnp.sum(jnp.sin(module.apply(v, inputs).astype(jnp.float32)))
+
+    g_ref = jax.grad(functools.partial(loss, ref), argnums=(0, 1))(variables, x)
+    g = jax.grad(functools.partial(loss, ours), argnums=(0, 1))(variables, x)
+    for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref), strict=True):
+        np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=tol, atol=tol)
+
+
+def nn_conv(kwargs):
+    """The flax reference for `layers.Conv`'s pointwise path."""
+    return flax.linen.Conv(3, (1, 1), **kwargs)
+
+
+def test_resnet_pointwise_convs_run_as_matrix_products():
+    # The 1x1 convs (3 of the 4 convs with a projection) must not reach XLA as convolutions:
+    # only the stem and the 3x3 convs remain.
+    model = ResNet(depth=50, width=1 / 16)
+    x = jnp.zeros((1, 64, 64, 3))
+    variables = model.init(jax.random.key(0), x, train=False)
+    jaxpr = str(jax.make_jaxpr(functools.partial(model.apply, train=False))(variables, x))
+    assert jaxpr.count('conv_general_dilated[') == 1 + 16  # Stem + one 3x3 per block.
+    assert jaxpr.count('dot_general[') == 16 * 2 + 4  # conv1 + conv3 per block, 4 projections.
+
+
 def test_fcn_score_layers_start_at_zero():
     out, variables = real_init(models.build_model(make_config('fcn8s_vgg16')), (2, 32, 40, 3))
     scores = {k: v for k, v in variables['params'].items() if k.startswith('score_')}
@@ -314,10 +363,27 @@ def test_resnet_dilation_matches_torchvision_make_layer():
     assert dilations == [1] * 3 + [1] * 4 + [1] + [2] * 5 + [2] + [4] * 2
 
 
+def _conv_layers(variant, dilate):
+    """(kernel side, strides) of every conv layer a ResNet-50 calls, in call order."""
+    module = ResNet(depth=50, variant=variant, dilate=dilate, width=TINY)
+    x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+    variables = jax.eval_shape(functools.partial(module.init, train=False), jax.random.key(0), x)
+    calls = {}  # Keyed by module path: `layers.Conv` enters `nn.Conv.__call__` again.
+
+    def record(next_fun, args, kwargs, context):
+        conv = context.module
+        if isinstance(conv, flax.linen.Conv) and context.method_name == '__call__':
+            calls.setdefault(conv.path, (conv.kernel_size[0], tuple(conv.strides or (1, 1))))
+        return next_fun(*args, **kwargs)
+
+    with flax.linen.intercept_methods(record):
+        jax.eval_shape(functools.partial(module.apply, train=False), variables, x)
+    return list(calls.values())
+
+
 def test_resnet_stride_placement_per_variant():
     for variant, strided_kernel in (('torchvision', 3), ('caffe', 1)):
-        convs = _conv_eqns(variant, (False, False, False))
-        strided = [e.invars[1].aval.shape[0] for e in convs if e.params['window_strides'] == (2, 2)]
+        strided = [k for k, strides in _conv_layers(variant, (False,) * 3) if strides == (2, 2)]
         # conv1 (7x7), then per stage 2..4 the strided block conv and the projection (1x1).
         assert strided == [7] + [strided_kernel, 1] * 3
 

@@ -52,7 +52,7 @@ class _Bottleneck(nn.Module):
 
         def conv(features, kernel, stride, dilation, name):
             pad = dilation * (kernel // 2)
-            return nn.Conv(
+            return layers.Conv(
                 features,
                 (kernel, kernel),
                 strides=(stride, stride),
@@ -126,7 +126,7 @@ class ResNet(nn.Module):
             )
         dtype = layers.compute_dtype(self.dtype)
         block = layers.maybe_remat(_Bottleneck, self.remat, static_argnums=(2,))
-        x = nn.Conv(
+        x = layers.Conv(
             layers.scaled(64, self.width),
             (7, 7),
             strides=(2, 2),

@@ -151,7 +151,7 @@ def _double_conv(
 ) -> Array:
     """Two 3x3 convs + ReLU (optionally BN), created in the calling module's scope."""
     for i in (1, 2):
-        x = nn.Conv(
+        x = layers.Conv(
             features,
             (3, 3),
             padding=padding,
@@ -281,7 +281,7 @@ class UNet(nn.Module):
             x = up_level(features, self.padding, self.batch_norm, self.merge, dtype, name=f'up{k}')(
                 x, skip, sizes[stride], train
             )
-        x = nn.Conv(
+        x = layers.Conv(
             self.num_classes,
             (1, 1),
             kernel_init=nn.initializers.he_normal(),
@@ -306,7 +306,7 @@ class _DecoderBlock(nn.Module):
             x = layers.upsample_nearest2x(x)
         if skip is not None:
             if self.merge == 'sum':
-                skip = nn.Conv(
+                skip = layers.Conv(
                     x.shape[-1],
                     (1, 1),
                     use_bias=False,
@@ -318,7 +318,7 @@ class _DecoderBlock(nn.Module):
             else:
                 x = jnp.concatenate([x, skip.astype(x.dtype)], axis=-1)
         for i in (1, 2):
-            x = nn.Conv(
+            x = layers.Conv(
                 self.features,
                 (3, 3),
                 padding=((1, 1), (1, 1)),
@@ -424,7 +424,7 @@ class EncoderUNet(nn.Module):
             dtype=dtype,
             name='decoder',
         )(features, train)
-        x = nn.Conv(
+        x = layers.Conv(
             self.num_classes,
             (3, 3),
             padding=((1, 1), (1, 1)),
