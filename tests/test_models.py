@@ -8,13 +8,14 @@ import functools
 
 import flax
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import default
 from fcn_unet_jax import models
-from fcn_unet_jax.models import fcn, layers, unet
+from fcn_unet_jax.models import convolutions, fcn, layers, unet
 from fcn_unet_jax.models.resnet import ResNet
 
 TINY = 1 / 16
@@ -29,6 +30,25 @@ def make_config(name, **overrides):
     c = default.get_config().model
     c.update({'name': name, 'num_classes': 3, 'input_channels': 3, 'width': TINY, **overrides})
     return c
+
+
+def conv_eqns(jaxpr):
+    """Every `conv_general_dilated` equation of a (closed) jaxpr, sub-jaxprs included."""
+    found = []
+
+    def visit(j):
+        for eqn in j.eqns:
+            if eqn.primitive.name == 'conv_general_dilated':
+                found.append(eqn)
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, list | tuple) else [value]:
+                    if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                        visit(sub.jaxpr)
+                    elif isinstance(sub, jax.extend.core.Jaxpr):
+                        visit(sub)
+
+    visit(jaxpr.jaxpr)
+    return found
 
 
 def abstract_init(model, shape):
@@ -264,7 +284,7 @@ def test_bilinear_upsample_interpolates_linear_ramps():
 def test_pointwise_conv_equals_nn_conv_forward_and_backward(kwargs):
     # Odd sizes: a strided 1x1 conv keeps rows/columns 0, s, 2s, ... (output ceil(n / s)).
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 9, 7, 5)), jnp.float32)
-    ref, ours = nn_conv(kwargs), layers.Conv(3, (1, 1), **kwargs)
+    ref, ours = nn_conv(kwargs), convolutions.Conv(3, (1, 1), **kwargs)
     variables = ref.init(jax.random.key(0), x)
     ours_variables = ours.init(jax.random.key(0), x)
     assert jax.tree_util.tree_map(jnp.shape, ours_variables) == jax.tree_util.tree_map(
@@ -285,6 +305,65 @@ def test_pointwise_conv_equals_nn_conv_forward_and_backward(kwargs):
         np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize(
+    ('kernel', 'strides', 'padding', 'dilation'),
+    [
+        (3, (1, 1), ((1, 1), (1, 1)), (1, 1)),
+        (3, (2, 2), ((1, 1), (1, 1)), (1, 1)),  # Strided, odd input: a row is dropped.
+        (3, (1, 1), ((2, 2), (2, 2)), (2, 2)),  # Dilated, as in the FCN-ResNet layer3/4.
+        (7, (2, 2), ((3, 3), (3, 3)), (1, 1)),  # The ResNet stem.
+        (2, (1, 2), ((0, 1), (1, 0)), (1, 1)),  # Asymmetric everything.
+    ],
+)
+def test_conv2d_gradients_equal_xla(kernel, strides, padding, dilation):
+    rng = np.random.default_rng(kernel)
+    x = jnp.asarray(rng.normal(size=(2, 11, 9, 3)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(kernel, kernel, 3, 4)), jnp.float32)
+
+    def reference(x, k):
+        dims = ('NHWC', 'HWIO', 'NHWC')
+        return jax.lax.conv_general_dilated(
+            x, k, strides, padding, rhs_dilation=dilation, dimension_numbers=dims
+        )
+
+    def ours(x, k):
+        return convolutions.conv2d(x, k, strides, padding, dilation)
+
+    y = reference(x, k)
+    np.testing.assert_allclose(ours(x, k), y, rtol=1e-5, atol=1e-5)
+    cotangent = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+    got = jax.vjp(ours, x, k)[1](cotangent)
+    want = jax.vjp(reference, x, k)[1](cotangent)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    # On CPU the kernel gradient is the tap-wise one, which must also match on its own.
+    np.testing.assert_allclose(
+        convolutions.kernel_grad_by_taps(x, cotangent, k.shape, strides, padding, dilation),
+        want[1],
+        rtol=1e-4,
+        atol=1e-4,
+    )
+
+
+@pytest.mark.parametrize(
+    ('padding', 'size', 'channels', 'taps'),
+    [
+        ('SAME', 128, 64, True),
+        (((1, 1), (1, 1)), 128, 64, True),
+        ('SAME', 64, 64, False),  # Map too small: XLA's own kernel gradient is faster.
+        ('SAME', 128, 16, False),  # Kernel too thin.
+    ],
+)
+def test_conv_takes_the_tapwise_kernel_gradient_on_large_maps(padding, size, channels, taps):
+    conv = convolutions.Conv(channels, (3, 3), padding=padding)
+    x = jax.ShapeDtypeStruct((1, size, size, channels), jnp.float32)
+    variables = jax.eval_shape(conv.init, jax.random.key(0), x)
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda v, x: conv.apply(v, x).sum()))(variables, x))
+    # The gradient chooses per platform; the CPU branch has one matrix product per tap.
+    assert ('platform_index' in jaxpr) == taps
+    assert jaxpr.count('dot_general[') == (9 if taps else 0)
+
+
 def nn_conv(kwargs):
     """The flax reference for `layers.Conv`'s pointwise path."""
     return flax.linen.Conv(3, (1, 1), **kwargs)
@@ -299,6 +378,76 @@ def test_resnet_pointwise_convs_run_as_matrix_products():
     jaxpr = str(jax.make_jaxpr(functools.partial(model.apply, train=False))(variables, x))
     assert jaxpr.count('conv_general_dilated[') == 1 + 16  # Stem + one 3x3 per block.
     assert jaxpr.count('dot_general[') == 16 * 2 + 4  # conv1 + conv3 per block, 4 projections.
+
+
+@pytest.mark.parametrize('padding', ['SAME', 'VALID'])
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_block_conv_transpose_equals_nn_conv_transpose(padding, dtype):
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 7, 3)), jnp.float32)
+    kwargs = {'strides': (2, 2), 'padding': padding, 'dtype': dtype}
+    ref = flax.linen.ConvTranspose(4, (2, 2), **kwargs)
+    ours = convolutions.ConvTranspose(4, (2, 2), **kwargs)
+    variables = ref.init(jax.random.key(0), x)
+    variables['params']['bias'] = jnp.arange(4.0)  # Non-zero, so the bias is checked too.
+    assert jax.tree_util.tree_map(jnp.shape, ours.init(jax.random.key(0), x)) == (
+        jax.tree_util.tree_map(jnp.shape, variables)
+    )
+    tol = 2e-2 if dtype == jnp.bfloat16 else 1e-5
+
+    def loss(module, v, inputs):
+        return jnp.sum(jnp.sin(module.apply(v, inputs).astype(jnp.float32)))
+
+    np.testing.assert_allclose(
+        np.float32(ours.apply(variables, x)), np.float32(ref.apply(variables, x)), tol, tol
+    )
+    g_ref = jax.grad(functools.partial(loss, ref), argnums=(0, 1))(variables, x)
+    g = jax.grad(functools.partial(loss, ours), argnums=(0, 1))(variables, x)
+    for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref), strict=True):
+        np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize('factor', [2, 3, 8])
+def test_subpixel_upsampling_equals_the_transposed_convolution(factor):
+    rng = np.random.default_rng(factor)
+    x = jnp.asarray(rng.normal(size=(2, 5, 4, 3)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(2 * factor, 2 * factor, 6, 3)), jnp.float32)
+
+    def reference(x, kernel):
+        return jax.lax.conv_transpose(
+            x,
+            kernel,
+            (factor, factor),
+            'VALID',
+            dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+            transpose_kernel=True,
+        )
+
+    np.testing.assert_allclose(
+        convolutions.upsample_transposed(x, kernel, factor), reference(x, kernel), 1e-5, 1e-5
+    )
+    cotangent = jnp.asarray(rng.normal(size=(2, 6 * factor, 5 * factor, 6)), jnp.float32)
+    for grad_ours, grad_ref in zip(
+        jax.vjp(functools.partial(convolutions.upsample_transposed, factor=factor), x, kernel)[1](
+            cotangent
+        ),
+        jax.vjp(reference, x, kernel)[1](cotangent),
+        strict=True,
+    ):
+        np.testing.assert_allclose(grad_ours, grad_ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('name', ['fcn8s_vgg16', 'unet'])
+def test_upsamplers_never_convolve_a_zero_dilated_input(name):
+    # A transposed conv lowered as a conv over the zero-dilated input (lhs_dilation > 1)
+    # wastes f * f of its work and has a very slow kernel gradient on CPU.
+    config = make_config(name, padding='VALID')
+    model = models.build_model(config)
+    shape = models.example_input_shape(config, size=64)
+    variables = abstract_init(model, shape)
+    images = jax.ShapeDtypeStruct(shape, jnp.float32)
+    jaxpr = jax.make_jaxpr(functools.partial(model.apply, train=False))(variables, images)
+    dilations = [e.params['lhs_dilation'] for e in conv_eqns(jaxpr)]
+    assert dilations and all(d == (1, 1) for d in dilations)
 
 
 def test_fcn_score_layers_start_at_zero():
@@ -352,7 +501,7 @@ def _conv_eqns(variant, dilate):
     x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
     variables = jax.eval_shape(functools.partial(module.init, train=False), jax.random.key(0), x)
     jaxpr = jax.make_jaxpr(functools.partial(module.apply, train=False))(variables, x)
-    return [e for e in jaxpr.eqns if e.primitive.name == 'conv_general_dilated']
+    return conv_eqns(jaxpr)
 
 
 def test_resnet_dilation_matches_torchvision_make_layer():
@@ -487,7 +636,7 @@ def test_bfloat16_compute_keeps_float32_params(name):
     jaxpr = jax.make_jaxpr(functools.partial(model.apply, train=False))(
         variables, jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
     )
-    convs = [e for e in jaxpr.eqns if e.primitive.name == 'conv_general_dilated']
+    convs = conv_eqns(jaxpr)
     assert convs and {v.aval.dtype for e in convs for v in e.invars} == {jnp.dtype(jnp.bfloat16)}
 
 

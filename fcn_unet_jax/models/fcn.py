@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fcn_unet_jax.models import layers
+from fcn_unet_jax.models import convolutions, layers
 from fcn_unet_jax.models.resnet import ResNet
 from fcn_unet_jax.models.vgg import FCN_CONV1_PAD, VGG16
 
@@ -63,7 +63,7 @@ def _fuse(x: Array, skip: Array, merge: str, name: str, dtype: Any) -> Array:
     """Merges a skip score into an upsampled score (in the calling module's scope)."""
     if merge == 'sum':
         return x + skip
-    return layers.Conv(
+    return convolutions.Conv(
         x.shape[-1],
         (1, 1),
         kernel_init=_sum_init,
@@ -75,7 +75,7 @@ def _fuse(x: Array, skip: Array, merge: str, name: str, dtype: Any) -> Array:
 
 def _score(x: Array, num_classes: int, name: str, dtype: Any) -> Array:
     """Zero-initialised 1x1 score conv with bias (FCN's `score_*` layers)."""
-    return layers.Conv(
+    return convolutions.Conv(
         num_classes,
         (1, 1),
         kernel_init=_zeros,
@@ -227,7 +227,7 @@ class FCNHead(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, *, train: bool) -> Array:
-        x = layers.Conv(
+        x = convolutions.Conv(
             max(1, x.shape[-1] // 4),
             (3, 3),
             padding=((1, 1), (1, 1)),
@@ -245,7 +245,7 @@ class FCNHead(nn.Module):
             name='bn',
         )(x)
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(nn.relu(x))
-        return layers.Conv(
+        return convolutions.Conv(
             self.num_classes, (1, 1), dtype=self.dtype, param_dtype=jnp.float32, name='out'
         )(x)
 

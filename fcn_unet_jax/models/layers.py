@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fcn_unet_jax.models import convolutions
+
 Array = jax.Array
 
 DTYPES: dict[str, Any] = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -135,81 +137,13 @@ class BilinearUpsample(nn.Module):
             kernel = self.variable(
                 'frozen', 'kernel', lambda: bilinear_init(None, shape, jnp.float32)
             ).value
-        return jax.lax.conv_transpose(
-            x.astype(self.dtype),
-            kernel.astype(self.dtype),
-            strides=(self.factor, self.factor),
-            padding='VALID',
-            dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-            transpose_kernel=True,
+        return convolutions.upsample_transposed(
+            x.astype(self.dtype), kernel.astype(self.dtype), self.factor
         )
 
 
-def _is_zero_padding(padding: Any) -> bool:
-    """Whether a conv `padding` adds nothing around a 1x1 kernel ('SAME' pads 0 there)."""
-    if isinstance(padding, str):
-        return padding in ('SAME', 'VALID')
-    if isinstance(padding, int):
-        return padding == 0
-    pairs = [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
-    return all(lo == 0 and hi == 0 for lo, hi in pairs)
-
-
-class Conv(nn.Conv):
-    """`nn.Conv` whose pointwise (1x1) convolutions run as a matrix product over channels.
-
-    XLA's CPU backend runs 1x1 convolutions, and above all their backward pass, several
-    times slower than the same computation written as a dot over the channel axis (measured
-    by `benchmarks/model_benchmark.py`: the ResNet bottlenecks are mostly 1x1 convs). A
-    1x1 conv with zero padding is exactly `x[:, ::s, ::s] @ kernel[0, 0] + bias`, so that
-    is what this layer computes for it; every other conv goes to `nn.Conv`. Parameters
-    (`kernel` of shape (1, 1, in, out), `bias`), initialisers and dtype handling are
-    `nn.Conv`'s, so checkpoints and imported weights are unaffected.
-    """
-
-    def _pointwise_strides(self, inputs: Array) -> tuple[int, int] | None:
-        """The (sh, sw) strides when this conv is a plain 1x1 conv on NHWC input, else None."""
-        kernel_size = (
-            (self.kernel_size,) * 2 if isinstance(self.kernel_size, int) else self.kernel_size
-        )
-        strides = self.strides if self.strides is not None else 1
-        strides = (strides,) * 2 if isinstance(strides, int) else tuple(strides)
-        dilation = self.input_dilation if self.input_dilation is not None else 1
-        plain = (
-            inputs.ndim == 4
-            and tuple(kernel_size) == (1, 1)
-            and self.feature_group_count == 1
-            and self.mask is None
-            and dilation in (1, (1, 1))
-            and _is_zero_padding(self.padding)
-        )
-        return strides if plain else None
-
-    @nn.compact
-    def __call__(self, inputs: Array) -> Array:
-        strides = self._pointwise_strides(inputs)
-        if strides is None:
-            return super().__call__(inputs)
-        in_features = inputs.shape[-1]
-        kernel = self.param(
-            'kernel', self.kernel_init, (1, 1, in_features, self.features), self.param_dtype
-        )
-        bias = (
-            self.param('bias', self.bias_init, (self.features,), self.param_dtype)
-            if self.use_bias
-            else None
-        )
-        inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
-        if strides != (1, 1):
-            inputs = inputs[:, :: strides[0], :: strides[1], :]
-        y = jax.lax.dot_general(
-            inputs, kernel[0, 0], (((3,), (0,)), ((), ())), precision=self.precision
-        )
-        return y if bias is None else y + bias
-
-
-class ConvReLU(Conv):
-    """`Conv` followed by ReLU, with the parameter names of a plain conv.
+class ConvReLU(convolutions.Conv):
+    """`convolutions.Conv` followed by ReLU, with the parameter names of a plain conv.
 
     Being a conv subclass (not a wrapper) keeps the flat reference names such as
     `backbone/conv1_1/kernel`, and makes the conv+ReLU pair a unit `nn.remat` can wrap.

@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fcn_unet_jax.models import layers
+from fcn_unet_jax.models import convolutions, layers
 
 Array = jax.Array
 
@@ -52,7 +52,7 @@ class _Bottleneck(nn.Module):
 
         def conv(features, kernel, stride, dilation, name):
             pad = dilation * (kernel // 2)
-            return layers.Conv(
+            return convolutions.Conv(
                 features,
                 (kernel, kernel),
                 strides=(stride, stride),
@@ -126,7 +126,7 @@ class ResNet(nn.Module):
             )
         dtype = layers.compute_dtype(self.dtype)
         block = layers.maybe_remat(_Bottleneck, self.remat, static_argnums=(2,))
-        x = layers.Conv(
+        x = convolutions.Conv(
             layers.scaled(64, self.width),
             (7, 7),
             strides=(2, 2),

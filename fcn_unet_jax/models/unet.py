@@ -34,7 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fcn_unet_jax.models import layers
+from fcn_unet_jax.models import convolutions, layers
 from fcn_unet_jax.models.resnet import ResNet
 from fcn_unet_jax.models.vgg import VGG16
 
@@ -151,7 +151,7 @@ def _double_conv(
 ) -> Array:
     """Two 3x3 convs + ReLU (optionally BN), created in the calling module's scope."""
     for i in (1, 2):
-        x = layers.Conv(
+        x = convolutions.Conv(
             features,
             (3, 3),
             padding=padding,
@@ -198,7 +198,7 @@ class _UNetUpLevel(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, skip: Array | None, size: tuple[int, int], train: bool) -> Array:
-        x = nn.ConvTranspose(
+        x = convolutions.ConvTranspose(
             self.features,
             (2, 2),
             strides=(2, 2),
@@ -281,7 +281,7 @@ class UNet(nn.Module):
             x = up_level(features, self.padding, self.batch_norm, self.merge, dtype, name=f'up{k}')(
                 x, skip, sizes[stride], train
             )
-        x = layers.Conv(
+        x = convolutions.Conv(
             self.num_classes,
             (1, 1),
             kernel_init=nn.initializers.he_normal(),
@@ -306,7 +306,7 @@ class _DecoderBlock(nn.Module):
             x = layers.upsample_nearest2x(x)
         if skip is not None:
             if self.merge == 'sum':
-                skip = layers.Conv(
+                skip = convolutions.Conv(
                     x.shape[-1],
                     (1, 1),
                     use_bias=False,
@@ -318,7 +318,7 @@ class _DecoderBlock(nn.Module):
             else:
                 x = jnp.concatenate([x, skip.astype(x.dtype)], axis=-1)
         for i in (1, 2):
-            x = layers.Conv(
+            x = convolutions.Conv(
                 self.features,
                 (3, 3),
                 padding=((1, 1), (1, 1)),
@@ -424,7 +424,7 @@ class EncoderUNet(nn.Module):
             dtype=dtype,
             name='decoder',
         )(features, train)
-        x = layers.Conv(
+        x = convolutions.Conv(
             self.num_classes,
             (3, 3),
             padding=((1, 1), (1, 1)),

@@ -1,0 +1,316 @@
+"""Convolutions computed the way XLA runs them fastest, with `nn.Conv`'s parameters.
+
+XLA's CPU backend is slow on some convolution shapes that a network uses all the time
+(measured with `benchmarks/profile_train_step.py`): 1x1 convolutions and their backward
+pass, kernel gradients of convolutions over large feature maps, and transposed
+convolutions, which it lowers as convolutions over a zero-dilated input. The layers here
+compute the same functions as matrix products where that is exact, keep `nn.Conv` /
+`nn.ConvTranspose`'s parameter names, shapes, initialisers and dtype handling (so
+checkpoints and imported weights are unaffected), and fall back to flax for every
+configuration they do not cover. On accelerators the library kernels are used as usual.
+"""
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def depth_to_space(x: Array, factor: int) -> Array:
+    """[N, H, W, f * f * C] -> [N, H f, W f, C]: channel block (a, b) goes to offset (a, b)."""
+    n, h, w, channels = x.shape
+    c = channels // (factor * factor)
+    x = x.reshape(n, h, w, factor, factor, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(n, h * factor, w * factor, c)
+
+
+def upsample_transposed(x: Array, kernel: Array, factor: int) -> Array:
+    """PyTorch/Caffe transposed conv with kernel 2f, stride f, no padding, computed sub-pixel.
+
+    Equal to `lax.conv_transpose(x, kernel, (f, f), 'VALID', transpose_kernel=True)` with
+    `kernel` of shape (2f, 2f, out, in): output pixel (q f + a, r f + b) receives input
+    (q - i, r - j) through tap (a + i f, b + j f), for i, j in {0, 1}. So every output phase
+    (a, b) is a 2x2 convolution of the input padded by one pixel, and all f * f phases are
+    one 2x2 convolution with f * f * out channels followed by `depth_to_space`. XLA would
+    otherwise convolve a 2f x 2f kernel over the f-times dilated input: f * f times the
+    multiply-adds, nearly all with inserted zeros (and a far slower backward pass).
+
+    Args:
+      x: NHWC input.
+      kernel: (2f, 2f, out, in) kernel.
+      factor: the stride f.
+
+    Returns:
+      [N, (H + 1) f, (W + 1) f, out].
+    """
+    f = factor
+    k, _, out_c, in_c = kernel.shape
+    if k != 2 * f:
+        raise ValueError(f'upsample_transposed needs a {2 * f}x{2 * f} kernel, got {k}x{k}.')
+    # Tap t = i f + a; the 2x2 conv's window position u = 1 - i reads input q - i.
+    taps = kernel.reshape(2, f, 2, f, out_c, in_c)[::-1, :, ::-1]  # [u, a, v, b, out, in]
+    taps = taps.transpose(0, 2, 5, 1, 3, 4).reshape(2, 2, in_c, f * f * out_c)
+    y = jax.lax.conv_general_dilated(
+        jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))),
+        taps,
+        (1, 1),
+        'VALID',
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+    )
+    return depth_to_space(y, f)
+
+
+def _is_zero_padding(padding: Any) -> bool:
+    """Whether a conv `padding` adds nothing around a 1x1 kernel ('SAME' pads 0 there)."""
+    if isinstance(padding, str):
+        return padding in ('SAME', 'VALID')
+    if isinstance(padding, int):
+        return padding == 0
+    pairs = [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
+    return all(lo == 0 and hi == 0 for lo, hi in pairs)
+
+
+_DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
+# Output maps from this many pixels (height x width) on get the tap-wise kernel gradient on
+# CPU. Measured on 2 cores (fp32, batch 4): XLA's own kernel gradient is 4-5x slower at
+# 158 x 158 and 316 x 316, but faster at 80 x 80 (45 vs 63 ms, 128 channels), and tap-wise
+# gradients on the many 40 x 40 maps of a dilated ResNet made its train step slower.
+TAPWISE_MIN_PIXELS = 128 * 128
+# ... and at least this many input and output channels: with thin kernels (the 16- and
+# 32-channel top of an encoder U-Net's decoder) the per-tap matrix products are too skinny
+# to win, and the tap windows only add memory.
+TAPWISE_MIN_CHANNELS = 64
+
+
+def _lax_conv(x, kernel, strides, padding, dilation, precision):
+    return jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        strides,
+        padding,
+        rhs_dilation=dilation,
+        dimension_numbers=_DIMENSION_NUMBERS,
+        precision=precision,
+    )
+
+
+def kernel_grad_by_taps(x, dy, kernel_shape, strides, padding, dilation, precision=None):
+    """The kernel gradient of a convolution as one matrix product per kernel tap.
+
+    dK[i, j] = sum over (n, h, w) of x_pad[n, s h + d i, s w + d j, :] outer dy[n, h, w, :],
+    that is `X_ij^T @ dY` with both sides reshaped to (pixels, channels).
+
+    Args:
+      x: NHWC input of the convolution.
+      dy: NHWC gradient of its output.
+      kernel_shape: (kh, kw, in, out).
+      strides, padding, dilation: the convolution's (padding: ((lo, hi), (lo, hi)), >= 0).
+      precision: matmul precision.
+
+    Returns:
+      The kernel gradient, of shape `kernel_shape` and dtype `dy.dtype`.
+    """
+    kh, kw, cin, cout = kernel_shape
+    n, ho, wo, _ = dy.shape
+    x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    dy = dy.reshape(-1, cout)
+    taps = []
+    for i in range(kh):
+        for j in range(kw):
+            top, left = i * dilation[0], j * dilation[1]
+            window = jax.lax.slice(
+                x,
+                (0, top, left, 0),
+                (n, top + (ho - 1) * strides[0] + 1, left + (wo - 1) * strides[1] + 1, cin),
+                (1, strides[0], strides[1], 1),
+            )
+            taps.append(jnp.matmul(window.reshape(-1, cin).T, dy, precision=precision))
+    return jnp.stack(taps).reshape(kernel_shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def conv2d(x, kernel, strides, padding, dilation, precision=None):
+    """`lax.conv_general_dilated` (NHWC, HWIO) whose kernel gradient on CPU is tap-wise.
+
+    XLA's CPU backend computes the kernel gradient as a convolution over the whole feature
+    map, which runs at a few tens of GFLOP/s for large maps (e.g. 26 GFLOP/s for 64->128
+    channels at 316 x 316, against 124 GFLOP/s tap-wise; measured on 2 cores), while
+    `kernel_grad_by_taps` runs as matrix products. It is used on CPU for output maps of at
+    least `TAPWISE_MIN_PIXELS` pixels and kernels of at least `TAPWISE_MIN_CHANNELS` input
+    and output channels; other convolutions and other platforms keep XLA's own
+    kernel gradient (`lax.platform_dependent`); the input gradient is XLA's everywhere.
+
+    Args:
+      x: NHWC input.
+      kernel: (kh, kw, in, out) kernel.
+      strides: (sh, sw).
+      padding: explicit ((lo, hi), (lo, hi)) padding, every value >= 0.
+      dilation: kernel dilation (dh, dw).
+      precision: conv / matmul precision.
+    """
+    return _lax_conv(x, kernel, strides, padding, dilation, precision)
+
+
+def _conv2d_fwd(x, kernel, strides, padding, dilation, precision):
+    return _lax_conv(x, kernel, strides, padding, dilation, precision), (x, kernel)
+
+
+def _conv2d_bwd(strides, padding, dilation, precision, residuals, dy):
+    x, kernel = residuals
+
+    def conv(x_, kernel_):
+        return _lax_conv(x_, kernel_, strides, padding, dilation, precision)
+
+    dx = jax.vjp(lambda x_: conv(x_, kernel), x)[1](dy)[0]
+
+    def xla_kernel_grad(x, dy):
+        return jax.vjp(lambda k: conv(x, k), kernel)[1](dy)[0]
+
+    def tap_kernel_grad(x, dy):
+        grad = kernel_grad_by_taps(x, dy, kernel.shape, strides, padding, dilation, precision)
+        return grad.astype(kernel.dtype)
+
+    pixels, channels = dy.shape[1] * dy.shape[2], min(kernel.shape[2:])
+    if pixels < TAPWISE_MIN_PIXELS or channels < TAPWISE_MIN_CHANNELS:
+        return dx, xla_kernel_grad(x, dy)
+    dkernel = jax.lax.platform_dependent(x, dy, cpu=tap_kernel_grad, default=xla_kernel_grad)
+    return dx, dkernel
+
+
+conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
+def _pair(value: Any, default: int = 1) -> tuple[int, int]:
+    if value is None:
+        value = default
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def _explicit_padding(padding: Any, spatial_shape, kernel_size, strides, dilation) -> tuple | None:
+    """`nn.Conv`'s padding as ((lo, hi), (lo, hi)), or None for kinds flax resolves itself."""
+    if padding in ('SAME', 'VALID'):
+        window = [(k - 1) * d + 1 for k, d in zip(kernel_size, dilation, strict=True)]
+        pairs = jax.lax.padtype_to_pads(spatial_shape, window, strides, padding)
+        return tuple(tuple(pair) for pair in pairs)
+    if isinstance(padding, str):  # 'CIRCULAR', 'REFLECT', 'CAUSAL'.
+        return None
+    if isinstance(padding, int):
+        return ((padding, padding),) * 2
+    pairs = tuple((p, p) if isinstance(p, int) else tuple(p) for p in padding)
+    if len(pairs) != 2 or any(v < 0 for pair in pairs for v in pair):
+        return None
+    return pairs
+
+
+class Conv(nn.Conv):
+    """`nn.Conv` with fast CPU paths: 1x1 convs as matmuls, tap-wise kernel gradients.
+
+    * A 1x1 conv with zero padding is exactly `x[:, ::s, ::s] @ kernel[0, 0] + bias`, a
+      matrix product over channels; XLA runs it (above all its backward pass) several
+      times faster than the equivalent 1x1 convolution on CPU.
+    * Larger kernels go through `conv2d`, whose kernel gradient is computed tap-wise on CPU.
+    * Everything else (circular / reflect / causal padding, groups, input dilation,
+      masks) is `nn.Conv`.
+    """
+
+    def _plan(self, inputs: Array) -> tuple[str, tuple | None]:
+        """('pointwise' | 'taps' | 'flax', explicit padding)."""
+        kernel_size = _pair(self.kernel_size)
+        plain = (
+            inputs.ndim == 4
+            and self.feature_group_count == 1
+            and self.mask is None
+            and _pair(self.input_dilation) == (1, 1)
+        )
+        if not plain:
+            return 'flax', None
+        if kernel_size == (1, 1) and _is_zero_padding(self.padding):
+            return 'pointwise', None
+        padding = _explicit_padding(
+            self.padding,
+            inputs.shape[1:3],
+            kernel_size,
+            _pair(self.strides),
+            _pair(self.kernel_dilation),
+        )
+        return ('taps', padding) if padding is not None else ('flax', None)
+
+    @nn.compact
+    def __call__(self, inputs: Array) -> Array:
+        plan, padding = self._plan(inputs)
+        if plan == 'flax':
+            return super().__call__(inputs)
+        kernel_size = _pair(self.kernel_size)
+        in_features = inputs.shape[-1]
+        kernel = self.param(
+            'kernel', self.kernel_init, (*kernel_size, in_features, self.features), self.param_dtype
+        )
+        bias = (
+            self.param('bias', self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias
+            else None
+        )
+        inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+        strides = _pair(self.strides)
+        if plan == 'pointwise':
+            if strides != (1, 1):
+                inputs = inputs[:, :: strides[0], :: strides[1], :]
+            y = jax.lax.dot_general(
+                inputs, kernel[0, 0], (((3,), (0,)), ((), ())), precision=self.precision
+            )
+        else:
+            dilation = _pair(self.kernel_dilation)
+            y = conv2d(inputs, kernel, strides, padding, dilation, self.precision)
+        return y if bias is None else y + bias
+
+
+class ConvTranspose(nn.ConvTranspose):
+    """`nn.ConvTranspose` whose non-overlapping up-convolutions run as one matrix product.
+
+    With kernel size equal to the stride (the U-Net's 2x2 stride-2 up-convolution) every
+    input pixel writes its own f x f output block: `x @ kernel` over channels followed by
+    `depth_to_space` is exactly what `nn.ConvTranspose` computes (its `transpose_kernel=False`
+    convention places tap (f - 1 - a, f - 1 - b) at offset (a, b)). XLA's own lowering
+    convolves over the zero-dilated input, whose kernel gradient is among the slowest
+    operations on CPU. Parameters and other configurations are `nn.ConvTranspose`'s.
+    """
+
+    def _block_stride(self, inputs: Array) -> int | None:
+        """The stride f when this is a plain f x f, stride-f transposed conv, else None."""
+        size = self.kernel_size
+        size = (size,) * 2 if isinstance(size, int) else tuple(size)
+        strides = tuple(self.strides) if self.strides is not None else (1, 1)
+        plain = (
+            inputs.ndim == 4
+            and size[0] == size[1]
+            and strides == size
+            and self.padding in ('SAME', 'VALID')  # Both give (H f, W f) when kernel == stride.
+            and self.kernel_dilation in (None, 1, (1, 1))
+            and not self.transpose_kernel
+            and self.mask is None
+        )
+        return size[0] if plain else None
+
+    @nn.compact
+    def __call__(self, inputs: Array) -> Array:
+        f = self._block_stride(inputs)
+        if f is None:
+            return super().__call__(inputs)
+        in_features = inputs.shape[-1]
+        kernel = self.param(
+            'kernel', self.kernel_init, (f, f, in_features, self.features), self.param_dtype
+        )
+        bias = (
+            self.param('bias', self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias
+            else None
+        )
+        inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+        taps = kernel[::-1, ::-1].transpose(2, 0, 1, 3).reshape(in_features, -1)
+        y = jax.lax.dot_general(inputs, taps, (((3,), (0,)), ((), ())), precision=self.precision)
+        y = depth_to_space(y, f)
+        return y if bias is None else y + bias
