@@ -1,5 +1,7 @@
 r"""Where the time of one train step goes: a per-operation profile of the compiled step.
 
+(`--mode=infer` profiles the jitted inference forward pass instead.)
+
 Compiles the project's `train.train_step` for one model (random images and labels, SGD
 with momentum, as `model_benchmark.py`), runs a few steps under `jax.profiler.trace`, and
 reads the trace back (`jax.profiler.ProfileData`): every XLA operation the CPU runtime
@@ -18,7 +20,8 @@ HLO module and grouped by what they compute:
 Prints a Markdown table of the share of busy time per group and the slowest operations
 with their HLO shapes; `--trace_dir` keeps the trace for TensorBoard / XProf.
 
-    python -m benchmarks.profile_train_step --model=fcn_resnet50 [--size=320] [--steps=2]
+    python -m benchmarks.profile_train_step --model=fcn_resnet50 [--size=320] [--steps=2] \
+        [--mode=infer]
 """
 
 import collections
@@ -38,6 +41,7 @@ flags.DEFINE_integer('batch_size', 4, 'Batch size.')
 flags.DEFINE_integer('steps', 2, 'Profiled steps (after one warm-up step).')
 flags.DEFINE_integer('num_classes', 21, 'Output classes.')
 flags.DEFINE_integer('top', 15, 'Slowest operations listed.')
+flags.DEFINE_enum('mode', 'train', ['train', 'infer'], 'Profile the train step or inference.')
 flags.DEFINE_string('trace_dir', None, 'Keep the trace here (default: a temporary folder).')
 
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) (\w[\w\-]*)\((.*)$')
@@ -146,32 +150,48 @@ def main(argv):
     replicated, batched = NamedSharding(mesh, P()), NamedSharding(mesh, P(train.DATA_AXIS))
     batch = jax.device_put({'image': images, 'label': labels}, batched)
     key = jax.device_put(jax.random.key(1), replicated)
-    step = (
-        jax.jit(
-            functools.partial(
-                train.train_step,
-                model=model,
-                tx=tx,
-                schedule=schedule,
-                loss_config=config.loss,
-                ignore_label=config.dataset.ignore_label,
-            ),
-            donate_argnums=(0,),
+    if FLAGS.mode == 'train':
+        compiled = (
+            jax.jit(
+                functools.partial(
+                    train.train_step,
+                    model=model,
+                    tx=tx,
+                    schedule=schedule,
+                    loss_config=config.loss,
+                    ignore_label=config.dataset.ignore_label,
+                ),
+                donate_argnums=(0,),
+            )
+            .lower(state, batch, key)
+            .compile()
         )
-        .lower(state, batch, key)
-        .compile()
-    )
-    state, summary = step(state, batch, key)
-    jax.block_until_ready(summary)
+        holder = {'state': state}
+
+        def run():
+            holder['state'], summary = compiled(holder['state'], batch, key)
+            jax.block_until_ready(summary)
+
+    else:
+        variables = state.variables()
+        compiled = (
+            jax.jit(functools.partial(model.apply, train=False))
+            .lower(variables, batch['image'])
+            .compile()
+        )
+
+        def run():
+            jax.block_until_ready(compiled(variables, batch['image']))
+
+    run()
     trace_dir = FLAGS.trace_dir or tempfile.mkdtemp(prefix='train_step_trace_')
     start = time.perf_counter()
     with jax.profiler.trace(trace_dir):
         for _ in range(FLAGS.steps):
-            state, summary = step(state, batch, key)
-            jax.block_until_ready(summary)
+            run()
     wall_ms = (time.perf_counter() - start) * 1e3 / FLAGS.steps
 
-    hlo = step.as_text()
+    hlo = compiled.as_text()
     instructions, windows = parse_hlo(hlo), _inner_conv_windows(hlo)
     totals = profile_events(trace_dir)
     groups: collections.Counter = collections.Counter()
@@ -186,7 +206,8 @@ def main(argv):
     busy = sum(groups.values())
     steps = FLAGS.steps
     print(
-        f'{FLAGS.model}, {FLAGS.size} px, batch {FLAGS.batch_size}: {wall_ms:.0f} ms per step '
+        f'{FLAGS.model} {FLAGS.mode}, {FLAGS.size} px, batch {FLAGS.batch_size}: '
+        f'{wall_ms:.0f} ms per step '
         f'(wall, with tracing), {busy / 1e6 / steps:.0f} ms of operations per step '
         f'(summed over threads; operations also run concurrently)\n'
     )
