@@ -7,7 +7,9 @@ NumPy arrays for both frameworks):
   SGD with momentum 0.9, BatchNorm statistics update), median of the timed steps;
 * infer img/s: the jitted `model.apply(..., train=False)` (logits at input size);
 * compile s: tracing, lowering and compiling the train step;
-* GFLOP/img: XLA's cost analysis of the compiled train step and forward pass;
+* GFLOP/img: XLA's cost analysis of the compiled forward pass; a train step counts 3x
+  that (forward, input gradients, kernel gradients), since XLA counts the body of a loop
+  once and the tap-wise kernel gradients of `models/convolutions.py` are loops;
 * GFLOP/s and % peak: FLOPs of the train step over its measured time, as a share of the
   machine's fp32 matmul ceiling (the best 4096 x 4096 matmul of NumPy, XLA and torch,
   measured at start, or `--peak_gflops`);
@@ -253,7 +255,9 @@ def _jax_worker(name: str) -> dict[str, Any]:
         'train_s': statistics.median(train_times),
         'infer_s': statistics.median(infer_times),
         'compile_s': compile_s,
-        'train_flops': _cost_flops(compiled_step),
+        # XLA counts a loop body once (the tap-wise kernel gradients loop over taps), so the
+        # train step is the usual 3x the forward pass (forward, input and kernel gradients).
+        'train_flops': 3 * _cost_flops(compiled_forward),
         'infer_flops': _cost_flops(compiled_forward),
         'train_mib': (rss.peak - base_rss) / 2**20,
         'xla_mib': None if xla_bytes is None else xla_bytes / 2**20,

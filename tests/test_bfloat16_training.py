@@ -12,10 +12,10 @@ run every convolution, forward and backward, on bfloat16 operands.
 import functools
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_models import jaxpr_eqns
 
 from configs import default
 from fcn_unet_jax import models, train
@@ -55,23 +55,10 @@ def synthetic_batch(batch: int, size: int, seed: int = 0) -> dict[str, jax.Array
 def conv_operand_dtypes(jaxpr) -> list[set]:
     """Operand dtypes of every convolution in `jaxpr` and in all of its sub-jaxprs.
 
-    1x1 convolutions run as matrix products (`layers.Conv`), so `dot_general` counts too.
+    1x1 convolutions run as matrix products (`convolutions.Conv`), so `dot_general` counts.
     """
-    found = []
-
-    def visit(j):
-        for eqn in j.eqns:
-            if eqn.primitive.name in ('conv_general_dilated', 'dot_general'):
-                found.append({v.aval.dtype for v in eqn.invars})
-            for value in eqn.params.values():
-                for sub in value if isinstance(value, list | tuple) else [value]:
-                    if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                        visit(sub.jaxpr)
-                    elif isinstance(sub, jax.extend.core.Jaxpr):
-                        visit(sub)
-
-    visit(jaxpr.jaxpr)
-    return found
+    eqns = jaxpr_eqns(jaxpr, ('conv_general_dilated', 'dot_general'))
+    return [{v.aval.dtype for v in eqn.invars} for eqn in eqns]
 
 
 def relative_error(got, want) -> float:

@@ -118,18 +118,18 @@ def kernel_grad_by_taps(x, dy, kernel_shape, strides, padding, dilation, precisi
     n, ho, wo, _ = dy.shape
     x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
     dy = dy.reshape(-1, cout)
-    taps = []
-    for i in range(kh):
-        for j in range(kw):
-            top, left = i * dilation[0], j * dilation[1]
-            window = jax.lax.slice(
-                x,
-                (0, top, left, 0),
-                (n, top + (ho - 1) * strides[0] + 1, left + (wo - 1) * strides[1] + 1, cin),
-                (1, strides[0], strides[1], 1),
-            )
-            taps.append(jnp.matmul(window.reshape(-1, cin).T, dy, precision=precision))
-    return jnp.stack(taps).reshape(kernel_shape)
+    span = ((ho - 1) * strides[0] + 1, (wo - 1) * strides[1] + 1)
+    offsets = jnp.asarray(
+        [(i * dilation[0], j * dilation[1]) for i in range(kh) for j in range(kw)], jnp.int32
+    )
+
+    def tap(_, offset):
+        # One tap window at a time (a loop, not kh * kw slices at once) bounds the memory.
+        window = jax.lax.dynamic_slice(x, (0, offset[0], offset[1], 0), (n, *span, cin))
+        window = window[:, :: strides[0], :: strides[1], :]
+        return None, jnp.matmul(window.reshape(-1, cin).T, dy, precision=precision)
+
+    return jax.lax.scan(tap, None, offsets)[1].reshape(kernel_shape)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
