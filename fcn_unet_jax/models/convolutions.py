@@ -7,7 +7,9 @@ convolutions, which it lowers as convolutions over a zero-dilated input. The lay
 compute the same functions as matrix products where that is exact, keep `nn.Conv` /
 `nn.ConvTranspose`'s parameter names, shapes, initialisers and dtype handling (so
 checkpoints and imported weights are unaffected), and fall back to flax for every
-configuration they do not cover. On accelerators the library kernels are used as usual.
+configuration they do not cover. The rewrites are plain matrix products and smaller
+convolutions, which accelerators run well too; only the tap-wise kernel gradient is
+CPU-specific (`lax.platform_dependent` keeps XLA's own gradient elsewhere).
 """
 
 import functools
