@@ -51,6 +51,8 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
+from fcn_unet_jax import xla_options
+
 FLAGS = flags.FLAGS
 DEFAULT_MODELS = [
     'fcn8s_vgg16',
@@ -456,4 +458,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+    xla_options.set_default_flags()  # Before JAX starts its backends.
     app.run(main)

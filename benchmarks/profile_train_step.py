@@ -34,6 +34,8 @@ import time
 import numpy as np
 from absl import app, flags
 
+from fcn_unet_jax import xla_options
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string('model', 'fcn_resnet50', 'Model name (a key of fcn_unet_jax.models.MODELS).')
 flags.DEFINE_integer('size', 320, 'Square input size.')
@@ -221,4 +223,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+    xla_options.set_default_flags()  # Before JAX starts its backends.
     app.run(main)

@@ -20,7 +20,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from configs import shapes_fcn8s, shapes_unet
-from fcn_unet_jax import checkpoint_manager, models, train, visualize
+from fcn_unet_jax import checkpoint_manager, models, train, visualize, xla_options
 from fcn_unet_jax.data import builders, input_pipeline
 
 FLAGS = flags.FLAGS
@@ -116,4 +116,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
+    xla_options.set_default_flags()  # Before JAX starts its backends.
     app.run(main)

@@ -39,7 +39,7 @@ from absl import app, flags, logging
 from matplotlib.figure import Figure
 from ml_collections import config_flags
 
-from fcn_unet_jax import models, train
+from fcn_unet_jax import models, train, xla_options
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Base config of the sweep.', lock_config=True)
@@ -257,5 +257,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
+    xla_options.set_default_flags()  # Before JAX starts its backends.
     flags.mark_flags_as_required(['config', 'family', 'output'])
     app.run(main)

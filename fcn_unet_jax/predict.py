@@ -33,7 +33,7 @@ import numpy as np
 from absl import app, flags, logging
 from PIL import Image
 
-from fcn_unet_jax import checkpoint_manager, inference, models, train, visualize
+from fcn_unet_jax import checkpoint_manager, inference, models, train, visualize, xla_options
 from fcn_unet_jax.data import builders, input_pipeline
 
 IMAGE_EXTENSIONS = ('.bmp', '.gif', '.jpeg', '.jpg', '.png', '.ppm', '.tif', '.tiff', '.webp')
@@ -305,5 +305,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
+    xla_options.set_default_flags()  # Before JAX starts its backends.
     _define_flags()
     app.run(main)

@@ -39,7 +39,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
-from fcn_unet_jax import checkpoint_manager, inference, metrics, models, predict, train
+from fcn_unet_jax import checkpoint_manager, inference, metrics, models, predict, train, xla_options
 from fcn_unet_jax.data import builders, input_pipeline, volume_io
 from fcn_unet_jax.data.builders import volumes
 
@@ -365,5 +365,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
+    xla_options.set_default_flags()  # Before JAX starts its backends.
     _define_flags()
     app.run(main)

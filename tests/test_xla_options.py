@@ -1,0 +1,59 @@
+"""The XLA flags the programs set before JAX starts (`fcn_unet_jax.xla_options`)."""
+
+import ast
+import pathlib
+
+import pytest
+
+from fcn_unet_jax import xla_options
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PROGRAMS = [
+    'fcn_unet_jax/main.py',
+    'fcn_unet_jax/predict.py',
+    'fcn_unet_jax/predict_volume.py',
+    'experiments/demo.py',
+    'experiments/skip_ablation.py',
+    'benchmarks/model_benchmark.py',
+    'benchmarks/profile_train_step.py',
+]
+
+
+def test_default_flags_are_added_to_the_users_flags(monkeypatch):
+    monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=2')
+    value = xla_options.set_default_flags()
+    assert value.split() == [
+        '--xla_force_host_platform_device_count=2',
+        '--xla_cpu_enable_concurrency_optimized_scheduler=false',
+    ]
+    assert xla_options.set_default_flags() == value  # Idempotent.
+
+
+def test_a_flag_the_user_set_is_kept(monkeypatch):
+    monkeypatch.setenv('XLA_FLAGS', '--xla_cpu_enable_concurrency_optimized_scheduler=true')
+    assert xla_options.set_default_flags() == (
+        '--xla_cpu_enable_concurrency_optimized_scheduler=true'
+    )
+
+
+def test_without_xla_flags(monkeypatch):
+    monkeypatch.delenv('XLA_FLAGS', raising=False)
+    assert xla_options.set_default_flags() == (
+        '--xla_cpu_enable_concurrency_optimized_scheduler=false'
+    )
+
+
+@pytest.mark.parametrize('path', PROGRAMS)
+def test_programs_set_the_flags_before_running(path):
+    # `if __name__ == '__main__':` must call set_default_flags() before app.run(main): XLA
+    # reads the flags once, when the first computation creates its backend.
+    tree = ast.parse((ROOT / path).read_text())
+    main_blocks = [
+        node
+        for node in tree.body
+        if isinstance(node, ast.If) and "__name__ == '__main__'" in ast.unparse(node.test)
+    ]
+    assert len(main_blocks) == 1
+    calls = [ast.unparse(stmt) for stmt in main_blocks[0].body]
+    assert calls[0] == 'xla_options.set_default_flags()'
+    assert any(call.startswith('app.run(') for call in calls[1:])
