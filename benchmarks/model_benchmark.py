@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
+from benchmarks import model_setup
 from fcn_unet_jax import xla_options
 
 FLAGS = flags.FLAGS
@@ -148,23 +149,6 @@ def _time_steps(step: Callable[[], Any], steps: int) -> list[float]:
     return durations
 
 
-def _inputs(size: tuple[int, int], batch: int, channels: int, num_classes: int):
-    """The same random images (NHWC float32) and labels for both frameworks."""
-    rng = np.random.default_rng(0)
-    images = rng.normal(size=(batch, *size, channels)).astype(np.float32)
-    labels = rng.integers(0, num_classes, size=(batch, *size)).astype(np.int32)
-    return images, labels
-
-
-def _input_size(name: str, size: int) -> tuple[int, int]:
-    from fcn_unet_jax.models import unet
-
-    if name == 'unet':  # VALID: the nearest size the network accepts.
-        side = min(unet.valid_unet_input_sizes(size), key=lambda s: abs(s - size))
-        return side, side
-    return size, size
-
-
 def _cost_flops(compiled) -> float:
     cost = compiled.cost_analysis()
     if isinstance(cost, list | tuple):  # Older jax returns one dict per computation.
@@ -174,31 +158,21 @@ def _cost_flops(compiled) -> float:
 
 def _jax_worker(name: str) -> dict[str, Any]:
     """Measures our model `name` (runs in its own process)."""
-    import functools
 
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from configs import default
     from fcn_unet_jax import models, train
 
     _release_free_memory()
     base_rss = _rss_bytes()
-    config = default.get_config()
-    config.model.name = name
-    config.model.num_classes = FLAGS.num_classes
-    config.model.dtype = FLAGS.dtype
-    config.model.remat = FLAGS.remat
-    config.model.padding = 'VALID' if name == 'unet' else 'SAME'
-    config.optimizer.name = 'sgd'
-    config.optimizer.momentum = 0.9
-    config.loss.name = 'cross_entropy'
-    config.batch_size = FLAGS.batch_size
-    size = _input_size(name, FLAGS.size)
-    config.input.crop_size = size
-    images, labels = _inputs(size, FLAGS.batch_size, 3, FLAGS.num_classes)
+    config = model_setup.benchmark_config(
+        name, FLAGS.size, FLAGS.batch_size, FLAGS.num_classes, FLAGS.dtype, FLAGS.remat
+    )
+    size = config.input.crop_size
+    images, labels = model_setup.random_batch(size, FLAGS.batch_size, FLAGS.num_classes)
 
     mesh = train.create_mesh()
     model = models.build_model(config.model)
@@ -208,14 +182,7 @@ def _jax_worker(name: str) -> dict[str, Any]:
     batch = jax.device_put({'image': images, 'label': labels}, batch_sharding)
     rng = jax.device_put(jax.random.key(1), replicated)
     step_fn = jax.jit(
-        functools.partial(
-            train.train_step,
-            model=model,
-            tx=tx,
-            schedule=schedule,
-            loss_config=config.loss,
-            ignore_label=config.dataset.ignore_label,
-        ),
+        train.bind_train_step(config, model, tx, schedule),
         in_shardings=(replicated, batch_sharding, replicated),
         out_shardings=(replicated, replicated),
         donate_argnums=(0,),
@@ -276,7 +243,9 @@ def _torch_worker(name: str) -> dict[str, Any]:
     base_rss = _rss_bytes()
     torch.manual_seed(0)
     model = _torch_model(name, FLAGS.num_classes)
-    images, labels = _inputs((FLAGS.size, FLAGS.size), FLAGS.batch_size, 3, FLAGS.num_classes)
+    images, labels = model_setup.random_batch(
+        (FLAGS.size, FLAGS.size), FLAGS.batch_size, FLAGS.num_classes
+    )
     x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     y = torch.from_numpy(labels).long()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)

@@ -2,8 +2,8 @@ r"""Where the time of one train step goes: a per-operation profile of the compil
 
 (`--mode=infer` profiles the jitted inference forward pass instead.)
 
-Compiles the project's `train.train_step` for one model (random images and labels, SGD
-with momentum, as `model_benchmark.py`), runs a few steps under `jax.profiler.trace`, and
+Compiles the project's `train.train_step` for one model (the set-up of `model_setup.py`,
+shared with `model_benchmark.py`), runs a few steps under `jax.profiler.trace`, and
 reads the trace back (`jax.profiler.ProfileData`): every XLA operation the CPU runtime
 executed is an event named after its HLO instruction. Events are matched to the optimised
 HLO module and grouped by what they compute:
@@ -31,9 +31,9 @@ import re
 import tempfile
 import time
 
-import numpy as np
 from absl import app, flags
 
+from benchmarks import model_setup
 from fcn_unet_jax import xla_options
 
 FLAGS = flags.FLAGS
@@ -132,19 +132,14 @@ def main(argv):
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from configs import default
     from fcn_unet_jax import models, train
 
-    config = default.get_config()
-    config.model.name = FLAGS.model
-    config.model.num_classes = FLAGS.num_classes
-    config.optimizer.name = 'sgd'
-    config.optimizer.momentum = 0.9
-    config.input.crop_size = (FLAGS.size, FLAGS.size)
-    rng = np.random.default_rng(0)
-    shape = (FLAGS.batch_size, FLAGS.size, FLAGS.size)
-    images = rng.normal(size=(*shape, 3)).astype(np.float32)
-    labels = rng.integers(0, FLAGS.num_classes, size=shape).astype(np.int32)
+    config = model_setup.benchmark_config(
+        FLAGS.model, FLAGS.size, FLAGS.batch_size, FLAGS.num_classes
+    )
+    images, labels = model_setup.random_batch(
+        config.input.crop_size, FLAGS.batch_size, FLAGS.num_classes
+    )
 
     mesh = train.create_mesh()
     model = models.build_model(config.model)
@@ -154,17 +149,7 @@ def main(argv):
     key = jax.device_put(jax.random.key(1), replicated)
     if FLAGS.mode == 'train':
         compiled = (
-            jax.jit(
-                functools.partial(
-                    train.train_step,
-                    model=model,
-                    tx=tx,
-                    schedule=schedule,
-                    loss_config=config.loss,
-                    ignore_label=config.dataset.ignore_label,
-                ),
-                donate_argnums=(0,),
-            )
+            jax.jit(train.bind_train_step(config, model, tx, schedule), donate_argnums=(0,))
             .lower(state, batch, key)
             .compile()
         )
@@ -208,7 +193,7 @@ def main(argv):
     busy = sum(groups.values())
     steps = FLAGS.steps
     print(
-        f'{FLAGS.model} {FLAGS.mode}, {FLAGS.size} px, batch {FLAGS.batch_size}: '
+        f'{FLAGS.model} {FLAGS.mode}, {config.input.crop_size[0]} px, batch {FLAGS.batch_size}: '
         f'{wall_ms:.0f} ms per step '
         f'(wall, with tracing), {busy / 1e6 / steps:.0f} ms of operations per step '
         f'(summed over threads; operations also run concurrently)\n'

@@ -291,6 +291,27 @@ def train_step(
     return new_state, summary
 
 
+def bind_train_step(
+    config: ml_collections.ConfigDict,
+    model: flax.linen.Module,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+) -> Callable[[TrainState, Mapping[str, jax.Array], jax.Array], tuple[TrainState, dict]]:
+    """`train_step` with the model, optimiser and the config's loss settings bound.
+
+    Returns:
+      `step(state, batch, rng) -> (state, summary)`, ready for `jax.jit`.
+    """
+    return functools.partial(
+        train_step,
+        model=model,
+        tx=tx,
+        schedule=schedule,
+        loss_config=config.loss,
+        ignore_label=config.dataset.ignore_label,
+    )
+
+
 def eval_step(
     state: TrainState,
     batch: Mapping[str, jax.Array],
@@ -356,14 +377,7 @@ class Trainer:
         )()
         self.state, tx, schedule = create_train_state(config, self.model, self.mesh, init_rng)
         self.train_step = jax.jit(
-            functools.partial(
-                train_step,
-                model=self.model,
-                tx=tx,
-                schedule=schedule,
-                loss_config=config.loss,
-                ignore_label=config.dataset.ignore_label,
-            ),
+            bind_train_step(config, self.model, tx, schedule),
             in_shardings=(self.replicated, self.batch_sharding, self.replicated),
             out_shardings=(self.replicated, self.replicated),
             donate_argnums=(0,),

@@ -94,16 +94,7 @@ def test_bfloat16_training_tracks_float32(name, batch_size, size, learning_rate,
     for dtype in ('float32', 'bfloat16'):
         config.model.dtype = dtype
         model = models.build_model(config.model)
-        step = jax.jit(
-            functools.partial(
-                train.train_step,
-                model=model,
-                tx=tx,
-                schedule=schedule,
-                loss_config=config.loss,
-                ignore_label=config.dataset.ignore_label,
-            )
-        )
+        step = jax.jit(train.bind_train_step(config, model, tx, schedule))
         traced = step.trace(state0, batch, rng)
         compiled = traced.lower().compile()
         state, losses = state0, []

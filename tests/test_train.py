@@ -5,7 +5,6 @@ Covered: 1 vs 4 devices, exact resume, NaN error, SIGTERM save and resume throug
 full labels, init_from, frozen variables, bfloat16.
 """
 
-import functools
 import json
 import os
 import shutil
@@ -194,16 +193,7 @@ def _run_steps(config, steps=2):
         config, model, train.create_mesh(jax.devices()[:1]), jax.random.key(0)
     )
     initial = jax.tree_util.tree_map(np.asarray, state)
-    step = jax.jit(
-        functools.partial(
-            train.train_step,
-            model=model,
-            tx=tx,
-            schedule=schedule,
-            loss_config=config.loss,
-            ignore_label=255,
-        )
-    )
+    step = jax.jit(train.bind_train_step(config, model, tx, schedule))
     for _ in range(steps):
         state, summary = step(state, _synthetic_batch(), jax.random.key(1))
     return initial, state, summary
