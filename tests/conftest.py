@@ -1,9 +1,13 @@
-"""Shared test set-up: simulated devices and quiet TensorFlow.
+"""Shared test set-up: simulated devices, quiet TensorFlow, compile settings, tiny data.
 
 Four CPU devices are simulated for the whole session so that data-parallel code paths run
 on one machine; single-device tests simply use the first device. This, and the project's
 default XLA flags, must be set before JAX starts its backends, which is why it sits at the
 top of conftest.
+
+Fixtures: `fast_compiles` and `fast_compile` trade compiled speed for compile time in
+modules that check logic; `shapes_small_data_dir` builds the tiny synthetic `shapes/small`
+dataset once per session for the modules that train on it.
 """
 
 import os
@@ -60,3 +64,29 @@ def fast_compile(tmp_path_factory) -> dict[str, str]:
     previous = _update_jax_config(settings)
     yield {name.upper(): str(value) for name, value in settings.items()}
     _update_jax_config(previous)
+
+
+@pytest.fixture(scope='session')
+def shapes_small_data_dir(tmp_path_factory) -> str:
+    """A tfds data_dir holding `shapes/small`, built once for the whole session.
+
+    Built the way users build data (`builders.get_builder`, array_record, the format the
+    input pipeline reads) without asking GCS for a prebuilt copy. Session scope because
+    building costs seconds and every user only reads it: tests must never write here.
+
+    Returns:
+      The data_dir, for `config.dataset.data_dir` with `config.dataset.name='shapes/small'`.
+    """
+    # Imported here so that sessions which never ask for the data skip importing tfds.
+    import ml_collections
+    import tensorflow_datasets as tfds
+
+    from fcn_unet_jax.data import builders
+
+    data_dir = str(tmp_path_factory.mktemp('tfds'))
+    dataset = ml_collections.ConfigDict({'name': 'shapes/small', 'data_dir': data_dir})
+    builders.get_builder(dataset).download_and_prepare(
+        file_format=builders.FILE_FORMAT,
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False),
+    )
+    return data_dir

@@ -106,24 +106,14 @@ def test_fcn_voc_stages_follow_the_reference_solvers():
         assert load(name, 'runlocal').init_from is None
 
 
-@pytest.fixture(scope='module')
-def shapes_data_dir(tmp_path_factory) -> str:
-    data_dir = str(tmp_path_factory.mktemp('tfds'))
-    dataset = ml_collections.ConfigDict({'name': 'shapes/small', 'data_dir': data_dir})
-    builders.get_builder(dataset).download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False)
-    )
-    return data_dir
-
-
 @pytest.mark.parametrize(
     ('name', 'arg'),
     [('fcn8s_voc', None), ('fcn_resnet50_voc', None)],
 )
-def test_runlocal_trains_on_shapes(name, arg, shapes_data_dir, tmp_path):
+def test_runlocal_trains_on_shapes(name, arg, shapes_small_data_dir, tmp_path):
     config = load(name, with_runlocal(arg))
     config.dataset.name = 'shapes/small'
-    config.dataset.data_dir = shapes_data_dir
+    config.dataset.data_dir = shapes_small_data_dir
     config.dataset.train_split = 'train[:8]'
     config.dataset.eval_split = 'validation[:4]'
     config.model.num_classes = 4

@@ -13,7 +13,6 @@ import os
 import jax
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 from etils import epath
 
 from configs import (
@@ -26,7 +25,6 @@ from configs import (
 )
 from experiments import replicate
 from fcn_unet_jax import metrics, train
-from fcn_unet_jax.data import builders
 
 
 def _confusion(num_classes: int, correct: int, wrong: int) -> np.ndarray:
@@ -205,13 +203,10 @@ def test_run_info_describes_the_mesh():
 
 
 @pytest.mark.usefixtures('fast_compile')
-def test_train_and_evaluate_writes_run_info(tmp_path):
+def test_train_and_evaluate_writes_run_info(shapes_small_data_dir, tmp_path):
     config = default.get_config()
     config.dataset.name = 'shapes/small'
-    config.dataset.data_dir = str(tmp_path / 'tfds')
-    builders.get_builder(config.dataset).download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False)
-    )
+    config.dataset.data_dir = shapes_small_data_dir
     config.dataset.train_split = 'train[:8]'
     config.dataset.eval_split = 'validation[:2]'
     config.model.width = 0.0625

@@ -9,24 +9,19 @@ import json
 import os
 
 import pytest
-import tensorflow_datasets as tfds
 
 from configs import skip_ablation_shapes
 from experiments import skip_ablation
 from fcn_unet_jax import train
-from fcn_unet_jax.data import builders
 
 pytestmark = pytest.mark.usefixtures('fast_compile')
 
 
 @pytest.fixture(scope='module')
-def tiny_config(tmp_path_factory):
+def tiny_config(shapes_small_data_dir):
     """The sweep's U-Net base config at runlocal size on 16 train / 4 validation images."""
     config = skip_ablation_shapes.get_config('unet,runlocal')
-    config.dataset.data_dir = str(tmp_path_factory.mktemp('tfds'))
-    builders.get_builder(config.dataset).download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False)
-    )
+    config.dataset.data_dir = shapes_small_data_dir
     config.dataset.train_split = 'train[:16]'
     config.dataset.eval_split = 'validation[:4]'
     config.model.width = 0.0625

@@ -17,11 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
 from configs import default
 from fcn_unet_jax import checkpoint_manager, models, optimizers, train
-from fcn_unet_jax.data import builders, input_pipeline
+from fcn_unet_jax.data import input_pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,14 +29,9 @@ pytestmark = pytest.mark.usefixtures('fast_compile')
 
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory) -> str:
-    path = str(tmp_path_factory.mktemp('tfds'))
-    config = tiny_config(path)
-    builders.get_builder(config.dataset).download_and_prepare(
-        file_format='array_record',
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False),
-    )
-    return path
+def data_dir(shapes_small_data_dir: str) -> str:
+    """The session's read-only `shapes/small` build (conftest), under this module's name."""
+    return shapes_small_data_dir
 
 
 def tiny_config(data_dir: str, **overrides):
