@@ -281,10 +281,12 @@ def test_bilinear_upsample_interpolates_linear_ramps():
         {'padding': ((0, 0), (0, 0)), 'dtype': jnp.bfloat16},
     ],
 )
-def test_pointwise_conv_equals_nn_conv_forward_and_backward(kwargs):
+# Fewer and more output than input channels: the kernel gradient is formed either way round.
+@pytest.mark.parametrize('features', [3, 8])
+def test_pointwise_conv_equals_nn_conv_forward_and_backward(kwargs, features):
     # Odd sizes: a strided 1x1 conv keeps rows/columns 0, s, 2s, ... (output ceil(n / s)).
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 9, 7, 5)), jnp.float32)
-    ref, ours = nn_conv(kwargs), convolutions.Conv(3, (1, 1), **kwargs)
+    ref, ours = nn_conv(kwargs, features), convolutions.Conv(features, (1, 1), **kwargs)
     variables = ref.init(jax.random.key(0), x)
     ours_variables = ours.init(jax.random.key(0), x)
     assert jax.tree_util.tree_map(jnp.shape, ours_variables) == jax.tree_util.tree_map(
@@ -352,9 +354,11 @@ def test_conv2d_gradients_equal_xla(kernel, strides, padding, dilation):
         (((1, 1), (1, 1)), 128, 64, True),
         ('SAME', 64, 64, False),  # Map too small: XLA's own kernel gradient is faster.
         ('SAME', 128, 16, False),  # Kernel too thin.
+        ('SAME', 16, 512, True),  # Small map, but a kernel wide enough for big products.
+        ('SAME', 16, 256, False),
     ],
 )
-def test_conv_takes_the_tapwise_kernel_gradient_on_large_maps(padding, size, channels, taps):
+def test_conv_takes_the_tapwise_kernel_gradient(padding, size, channels, taps):
     conv = convolutions.Conv(channels, (3, 3), padding=padding)
     x = jax.ShapeDtypeStruct((1, size, size, channels), jnp.float32)
     variables = jax.eval_shape(conv.init, jax.random.key(0), x)
@@ -365,9 +369,9 @@ def test_conv_takes_the_tapwise_kernel_gradient_on_large_maps(padding, size, cha
     assert (jaxpr.count('scan[') == 1 and jaxpr.count('dot_general[') == 1) == taps
 
 
-def nn_conv(kwargs):
+def nn_conv(kwargs, features=3):
     """The flax reference for `layers.Conv`'s pointwise path."""
-    return flax.linen.Conv(3, (1, 1), **kwargs)
+    return flax.linen.Conv(features, (1, 1), **kwargs)
 
 
 def test_resnet_pointwise_convs_run_as_matrix_products():
