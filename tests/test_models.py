@@ -348,18 +348,21 @@ def test_conv2d_gradients_equal_xla(kernel, strides, padding, dilation):
 
 
 @pytest.mark.parametrize(
-    ('padding', 'size', 'channels', 'taps'),
+    ('padding', 'size', 'channels', 'features', 'taps'),
     [
-        ('SAME', 128, 64, True),
-        (((1, 1), (1, 1)), 128, 64, True),
-        ('SAME', 64, 64, False),  # Map too small: XLA's own kernel gradient is faster.
-        ('SAME', 128, 16, False),  # Kernel too thin.
-        ('SAME', 16, 512, True),  # Small map, but a kernel wide enough for big products.
-        ('SAME', 16, 256, False),
+        ('SAME', 128, 64, 64, True),
+        (((1, 1), (1, 1)), 128, 64, 64, True),
+        ('SAME', 64, 64, 64, False),  # Map too small: XLA's own kernel gradient is faster.
+        ('SAME', 128, 16, 16, False),  # Kernel too thin.
+        ('SAME', 128, 16, 21, True),  # Thin but expanding (a U-Net's class head).
+        ('SAME', 128, 32, 16, False),
+        ('SAME', 16, 512, 512, True),  # Small map, but a kernel wide enough for big products.
+        ('SAME', 16, 256, 256, False),
+        ('SAME', 16, 16, 21, False),
     ],
 )
-def test_conv_takes_the_tapwise_kernel_gradient(padding, size, channels, taps):
-    conv = convolutions.Conv(channels, (3, 3), padding=padding)
+def test_conv_takes_the_tapwise_kernel_gradient(padding, size, channels, features, taps):
+    conv = convolutions.Conv(features, (3, 3), padding=padding)
     x = jax.ShapeDtypeStruct((1, size, size, channels), jnp.float32)
     variables = jax.eval_shape(conv.init, jax.random.key(0), x)
     jaxpr = str(jax.make_jaxpr(jax.grad(lambda v, x: conv.apply(v, x).sum()))(variables, x))

@@ -82,9 +82,9 @@ _DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
 # 158 x 158 and 316 x 316, but faster at 80 x 80 (45 vs 63 ms, 128 channels), and tap-wise
 # gradients on the many 40 x 40 maps of a dilated ResNet made its train step slower.
 TAPWISE_MIN_PIXELS = 128 * 128
-# ... and at least this many input and output channels: with thin kernels (the 16- and
-# 32-channel top of an encoder U-Net's decoder) the per-tap matrix products are too skinny
-# to win, and the tap windows only add memory.
+# ... and at least this many input and output channels, or more output than input
+# channels: with thin kernels that do not expand (the 32->16 and 16->16 convs at the top of
+# an encoder U-Net's decoder) the per-tap matrix products are too skinny to win.
 TAPWISE_MIN_CHANNELS = 64
 # On smaller maps, kernels with at least this many input and output channels: their per-tap
 # products are large enough to win (measured, batch 4: 2048->512 at 40 x 40 476 vs 709 ms,
@@ -142,7 +142,10 @@ def _tapwise_kernel_grad_pays(pixels: int, in_channels: int, out_channels: int) 
     """Whether `kernel_grad_by_taps` beats XLA's kernel gradient on CPU for this conv."""
     channels = min(in_channels, out_channels)
     if pixels >= TAPWISE_MIN_PIXELS:
-        return channels >= TAPWISE_MIN_CHANNELS
+        # Expanding kernels are slow in XLA whatever their width (batch 4 at 320 x 320:
+        # 16->21, a U-Net's class head, 256 vs 52 ms; 3->64 60 vs 33 ms; 32->64 at
+        # 160 x 160 71 vs 28 ms), thin non-expanding ones fast (32->16: 56 vs 93 ms).
+        return channels >= TAPWISE_MIN_CHANNELS or out_channels > in_channels
     return channels >= TAPWISE_MIN_CHANNELS_SMALL_MAPS
 
 
@@ -155,10 +158,11 @@ def conv2d(x, kernel, strides, padding, dilation, precision=None):
     channels at 316 x 316, against 124 GFLOP/s tap-wise; measured on 2 cores), while
     `kernel_grad_by_taps` runs as matrix products. It is used on CPU for output maps of at
     least `TAPWISE_MIN_PIXELS` pixels and kernels of at least `TAPWISE_MIN_CHANNELS` input
-    and output channels, and on smaller maps for kernels of at least
-    `TAPWISE_MIN_CHANNELS_SMALL_MAPS` channels (a dilated ResNet's 512-channel 3x3 convs, the
-    FCN head's 2048->512 conv); other convolutions and other platforms keep XLA's own
-    kernel gradient (`lax.platform_dependent`); the input gradient is XLA's everywhere.
+    and output channels or with more output than input channels, and on smaller maps for
+    kernels of at least `TAPWISE_MIN_CHANNELS_SMALL_MAPS` channels (a dilated ResNet's
+    512-channel 3x3 convs, the FCN head's 2048->512 conv); other convolutions and other
+    platforms keep XLA's own kernel gradient (`lax.platform_dependent`); the input gradient
+    is XLA's everywhere.
 
     Args:
       x: NHWC input.
