@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fcn_unet_jax.models import convolutions
+from fcn_unet_jax.models import convolutions, pooling
 
 Array = jax.Array
 
@@ -158,8 +158,7 @@ def max_pool_ceil(x: Array) -> Array:
 
     An odd trailing row/column is pooled on its own (the pad value is -inf).
     """
-    h, w = x.shape[1:3]
-    return nn.max_pool(x, (2, 2), strides=(2, 2), padding=((0, h % 2), (0, w % 2)))
+    return pooling.max_pool_2x2(x, ceil_mode=True)
 
 
 def crop(x: Array, offset: tuple[int, int], size: tuple[int, int]) -> Array:

@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fcn_unet_jax.models import convolutions, layers
+from fcn_unet_jax.models import convolutions, layers, pooling
 
 Array = jax.Array
 
@@ -148,7 +148,7 @@ class ResNet(nn.Module):
         x = nn.relu(x)
         features = {2: x}
         # Padding with -inf (torchvision) equals Keras' zero padding here: inputs are >= 0.
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = pooling.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
         in_channels = x.shape[-1]
         dilation = 1
         for layer, n_blocks in enumerate(RESNET_LAYERS[self.depth], start=1):

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fcn_unet_jax.models import layers
+from fcn_unet_jax.models import layers, pooling
 
 Array = jax.Array
 
@@ -80,7 +80,7 @@ class VGG16(nn.Module):
             stride = 2 ** (b - 1)
             if not self.fcn:
                 features[stride] = x
-            x = layers.max_pool_ceil(x) if self.fcn else nn.max_pool(x, (2, 2), (2, 2))
+            x = pooling.max_pool_2x2(x, ceil_mode=self.fcn)
             if self.fcn and b < len(VGG16_BLOCKS):
                 features[2 * stride] = x
         if not self.fcn:
