@@ -62,8 +62,12 @@ def cross_entropy(
     logits = logits.astype(jnp.float32)
     num_classes = logits.shape[-1]
     valid, safe_labels = _valid_and_safe_labels(labels, num_classes, ignore_label)
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(log_probs, safe_labels[..., None], axis=-1)[..., 0]
+    # -log softmax(logits)[label] = logsumexp(logits) - logits[label], with the label's
+    # logit picked by a comparison rather than a gather: the gradient is then elementwise
+    # (softmax - one-hot, fused by XLA) instead of a scatter through an index tensor.
+    is_label = jnp.arange(num_classes) == safe_labels[..., None]
+    label_logits = jnp.sum(jnp.where(is_label, logits, 0.0), axis=-1)
+    nll = jax.nn.logsumexp(logits, axis=-1) - label_logits
     weight = valid.astype(jnp.float32)
     if class_weights is not None:
         weight = weight * jnp.asarray(class_weights, jnp.float32)[safe_labels]
