@@ -684,6 +684,31 @@ def test_remat_changes_neither_names_nor_numbers(name, overrides):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.abs(b).max()))
 
 
+def test_remat_survives_xla_cpu_common_subexpression_elimination():
+    """The compiled gradient recomputes the rematerialised blocks instead of merging them.
+
+    XLA:CPU drops `jax.checkpoint`'s optimisation barriers before CSE; without
+    `layers.keep_recomputation` the recomputed convolutions merge back into the forward
+    pass and the compiled gradient has as many convolutions and products as without remat.
+    """
+    x = jnp.ones((2, 64, 64, 3))
+    counts = []
+    for remat in (False, True):
+        model = ResNet(depth=50, width=1 / 16, remat=remat)
+        variables = model.init(jax.random.key(0), x, train=False)
+
+        def loss(params, model=model, variables=variables):
+            features, _ = model.apply(
+                {**variables, 'params': params}, x, train=True, mutable=['batch_stats']
+            )
+            return jnp.sum(features[32] ** 2)
+
+        hlo = jax.jit(jax.grad(loss)).lower(variables['params']).compile().as_text()
+        counts.append(hlo.count(' convolution(') + hlo.count(' dot('))
+    # 16 blocks recompute 3 convolutions / products each (4 with a projection).
+    assert counts[1] >= counts[0] + 3 * 16, counts
+
+
 def test_model_table_rows():
     base = default.get_config().model
     rows = {r['name']: r for r in models.model_table(base)}
