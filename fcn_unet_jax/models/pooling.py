@@ -9,10 +9,11 @@ anyway, the pooling's input and output: window position by window position, in r
 order, the input is compared with the window's maximum and the output gradient is placed
 where the first maximum sits. That is elementwise work XLA fuses, with nothing stored.
 
-The function is exactly `nn.max_pool`'s, gradient included: each window's gradient goes
-to its first maximum in row-major order, as `select_and_scatter` (and PyTorch) choose on
-ties, such as windows of zeros after a ReLU; overlapping windows (the ResNet stem's 3x3,
-stride 2) add their gradients up.
+The function is `nn.max_pool`'s, gradient included: each window's gradient goes to its
+first maximum in row-major order, as `select_and_scatter` (and PyTorch) choose on ties,
+such as windows of zeros after a ReLU. Non-overlapping windows give identical gradients;
+overlapping ones (the ResNet stem's 3x3, stride 2) add their contributions up in another
+order, which can differ in the last bit.
 """
 
 import functools
