@@ -11,19 +11,25 @@ The flag names only the CPU backend; accelerators are unaffected.
 """
 
 import os
+from collections.abc import Mapping
 
 # flag name -> value; a flag the user already put in XLA_FLAGS is left as they set it.
 DEFAULT_FLAGS = {'xla_cpu_enable_concurrency_optimized_scheduler': 'false'}
 
 
-def set_default_flags() -> str:
+def set_default_flags(extra_flags: Mapping[str, str] | None = None) -> str:
     """Adds `DEFAULT_FLAGS` to the `XLA_FLAGS` environment variable and returns its value.
 
     Call before the first JAX computation (backends read XLA_FLAGS once, when created);
     later calls change nothing for the running process.
+
+    Args:
+      extra_flags: more flag name -> value pairs to add the same way (e.g. the tests'
+        simulated device count).
     """
+    flags = {**DEFAULT_FLAGS, **(extra_flags or {})}
     current = os.environ.get('XLA_FLAGS', '')
-    added = [f'--{name}={value}' for name, value in DEFAULT_FLAGS.items() if name not in current]
+    added = [f'--{name}={value}' for name, value in flags.items() if name not in current]
     if added:
         os.environ['XLA_FLAGS'] = ' '.join([current, *added]).strip()
     return os.environ.get('XLA_FLAGS', '')

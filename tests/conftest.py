@@ -12,15 +12,13 @@ dataset once per session for the modules that train on it.
 
 import os
 
-_FLAG = '--xla_force_host_platform_device_count=4'
-if _FLAG.split('=')[0] not in os.environ.get('XLA_FLAGS', ''):
-    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + _FLAG).strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from fcn_unet_jax import xla_options  # noqa: E402
 
-# The flags the programs set (`xla_options`), so tests compile what users run.
-xla_options.set_default_flags()
+# The flags the programs set (`xla_options`), so tests compile what users run, plus the
+# simulated devices (a device count the user already set is kept).
+xla_options.set_default_flags({'xla_force_host_platform_device_count': '4'})
 
 import jax  # noqa: E402  (after XLA_FLAGS is set)
 import pytest  # noqa: E402

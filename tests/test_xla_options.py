@@ -29,6 +29,16 @@ def test_default_flags_are_added_to_the_users_flags(monkeypatch):
     assert xla_options.set_default_flags() == value  # Idempotent.
 
 
+def test_extra_flags_are_added_the_same_way(monkeypatch):
+    monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=2')
+    extra = {'xla_force_host_platform_device_count': '4', 'xla_cpu_use_thunk_runtime': 'true'}
+    assert xla_options.set_default_flags(extra).split() == [
+        '--xla_force_host_platform_device_count=2',  # The user's value is kept.
+        '--xla_cpu_enable_concurrency_optimized_scheduler=false',
+        '--xla_cpu_use_thunk_runtime=true',
+    ]
+
+
 def test_a_flag_the_user_set_is_kept(monkeypatch):
     monkeypatch.setenv('XLA_FLAGS', '--xla_cpu_enable_concurrency_optimized_scheduler=true')
     assert xla_options.set_default_flags() == (

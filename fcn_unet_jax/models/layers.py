@@ -2,8 +2,8 @@
 
 Bilinear upsampling kernels (Caffe's `upsample_filt` / FCN `surgery.interp`), transposed
 convolutions that are either learnable (`params`) or frozen (the `frozen` collection),
-ceil-mode max pooling, crops, resizes that match PyTorch's `F.interpolate`, channel
-scaling for the `width` multiplier and the compute-dtype table.
+crops, resizes that match PyTorch's `F.interpolate`, channel scaling for the `width`
+multiplier, the compute-dtype table and rematerialisation that XLA:CPU keeps.
 """
 
 from collections.abc import Callable, Sequence
@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fcn_unet_jax.models import convolutions, pooling
+from fcn_unet_jax.models import convolutions
 
 Array = jax.Array
 
@@ -151,14 +151,6 @@ class ConvReLU(convolutions.Conv):
 
     def __call__(self, inputs: Array) -> Array:
         return nn.relu(super().__call__(inputs))
-
-
-def max_pool_ceil(x: Array) -> Array:
-    """2x2 stride-2 max pooling in Caffe's ceil mode: output side ceil(n / 2).
-
-    An odd trailing row/column is pooled on its own (the pad value is -inf).
-    """
-    return pooling.max_pool_2x2(x, ceil_mode=True)
 
 
 def crop(x: Array, offset: tuple[int, int], size: tuple[int, int]) -> Array:

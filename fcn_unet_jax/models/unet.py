@@ -34,7 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fcn_unet_jax.models import convolutions, layers
+from fcn_unet_jax.models import convolutions, layers, pooling
 from fcn_unet_jax.models.resnet import ResNet
 from fcn_unet_jax.models.vgg import VGG16
 
@@ -273,7 +273,7 @@ class UNet(nn.Module):
                 stride = 2 ** (k - 1)
                 skips[stride], sizes[stride] = x, x.shape[1:3]
                 # SAME: odd sizes round up; VALID sizes were checked to be even here.
-                x = layers.max_pool_ceil(x)
+                x = pooling.max_pool_2x2(x, ceil_mode=True)
         for k in range(UNET_DEPTH, 0, -1):
             stride = 2 ** (k - 1)
             features = layers.scaled(UNET_CHANNELS * 2 ** (k - 1), self.width)
