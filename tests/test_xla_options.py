@@ -3,6 +3,8 @@
 import ast
 import pathlib
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from fcn_unet_jax import xla_options
@@ -25,6 +27,7 @@ def test_default_flags_are_added_to_the_users_flags(monkeypatch):
     assert value.split() == [
         '--xla_force_host_platform_device_count=2',
         '--xla_cpu_enable_concurrency_optimized_scheduler=false',
+        '--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce',
     ]
     assert xla_options.set_default_flags() == value  # Idempotent.
 
@@ -35,22 +38,40 @@ def test_extra_flags_are_added_the_same_way(monkeypatch):
     assert xla_options.set_default_flags(extra).split() == [
         '--xla_force_host_platform_device_count=2',  # The user's value is kept.
         '--xla_cpu_enable_concurrency_optimized_scheduler=false',
+        '--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce',
         '--xla_cpu_use_thunk_runtime=true',
     ]
 
 
 def test_a_flag_the_user_set_is_kept(monkeypatch):
     monkeypatch.setenv('XLA_FLAGS', '--xla_cpu_enable_concurrency_optimized_scheduler=true')
-    assert xla_options.set_default_flags() == (
-        '--xla_cpu_enable_concurrency_optimized_scheduler=true'
-    )
+    assert xla_options.set_default_flags().split() == [
+        '--xla_cpu_enable_concurrency_optimized_scheduler=true',
+        '--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce',
+    ]
 
 
 def test_without_xla_flags(monkeypatch):
     monkeypatch.delenv('XLA_FLAGS', raising=False)
-    assert xla_options.set_default_flags() == (
-        '--xla_cpu_enable_concurrency_optimized_scheduler=false'
-    )
+    assert xla_options.set_default_flags().split() == [
+        '--xla_cpu_enable_concurrency_optimized_scheduler=false',
+        '--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce',
+    ]
+
+
+def test_the_test_process_runs_convolutions_in_xlas_own_kernels():
+    # conftest set the flags before JAX started, as the programs do: a convolution must
+    # reach the compiled program as a plain `convolution`, not inside a YNNPACK fusion
+    # (which is what XLA does when the flag is missing or no longer understood; it leaves
+    # tiny convolutions to Eigen anyway, so the shape is a real layer's).
+    def conv(x, kernel):
+        dims = ('NHWC', 'HWIO', 'NHWC')
+        return jax.lax.conv_general_dilated(x, kernel, (1, 1), 'SAME', dimension_numbers=dims)
+
+    compiled = jax.jit(conv).lower(jnp.ones((4, 80, 80, 64)), jnp.ones((3, 3, 64, 64))).compile()
+    entry = compiled.as_text().split('ENTRY')[1]
+    assert 'convolution(' in entry
+    assert 'fusion' not in entry
 
 
 @pytest.mark.parametrize('path', PROGRAMS)
