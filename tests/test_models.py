@@ -315,6 +315,8 @@ def test_pointwise_conv_equals_nn_conv_forward_and_backward(kwargs, features):
         (3, (1, 1), ((2, 2), (2, 2)), (2, 2)),  # Dilated, as in the FCN-ResNet layer3/4.
         (7, (2, 2), ((3, 3), (3, 3)), (1, 1)),  # The ResNet stem.
         (2, (1, 2), ((0, 1), (1, 0)), (1, 1)),  # Asymmetric everything.
+        (3, (3, 3), ((2, 1), (0, 2)), (2, 2)),  # Stride and dilation sharing no factor.
+        (2, (3, 2), ((0, 0), (1, 1)), (1, 1)),  # Kernel smaller than the stride: empty phases.
     ],
 )
 def test_conv2d_gradients_equal_xla(kernel, strides, padding, dilation):
@@ -338,38 +340,62 @@ def test_conv2d_gradients_equal_xla(kernel, strides, padding, dilation):
     want = jax.vjp(reference, x, k)[1](cotangent)
     for a, b in zip(got, want, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-    # On CPU the kernel gradient is the tap-wise one, which must also match on its own.
+    # The CPU's own gradients must also match on their own: the tap-wise kernel gradient,
+    # and the phase-wise input gradient (used for strided convs).
     np.testing.assert_allclose(
         convolutions.kernel_grad_by_taps(x, cotangent, k.shape, strides, padding, dilation),
         want[1],
         rtol=1e-4,
         atol=1e-4,
     )
+    np.testing.assert_allclose(
+        convolutions.input_grad_by_phases(cotangent, k, x.shape[1:3], strides, padding, dilation),
+        want[0],
+        rtol=1e-4,
+        atol=1e-4,
+    )
+
+
+def _gradient_jaxpr(conv, x_shape):
+    """The jaxpr of the gradient of `conv`'s output sum (parameters and input)."""
+    x = jax.ShapeDtypeStruct(x_shape, jnp.float32)
+    variables = jax.eval_shape(conv.init, jax.random.key(0), x)
+    grad = jax.grad(lambda v, x: conv.apply(v, x).sum(), argnums=(0, 1))
+    return str(jax.make_jaxpr(grad)(variables, x))
 
 
 @pytest.mark.parametrize(
     ('padding', 'size', 'channels', 'features', 'taps'),
     [
-        ('SAME', 128, 64, 64, True),
-        (((1, 1), (1, 1)), 128, 64, 64, True),
-        ('SAME', 64, 64, 64, False),  # Map too small: XLA's own kernel gradient is faster.
-        ('SAME', 128, 16, 16, False),  # Kernel too thin.
-        ('SAME', 128, 16, 21, True),  # Thin but expanding (a U-Net's class head).
-        ('SAME', 128, 32, 16, False),
-        ('SAME', 16, 512, 512, True),  # Small map, but a kernel wide enough for big products.
-        ('SAME', 16, 256, 256, False),
-        ('SAME', 16, 16, 21, False),
+        ('SAME', 128, 16, 21, True),  # Thin and expanding (a U-Net's class head).
+        (((1, 1), (1, 1)), 128, 3, 64, True),  # An encoder's first conv.
+        ('SAME', 64, 16, 21, False),  # Map too small: XLA's own kernel gradient is faster.
+        ('SAME', 128, 16, 16, False),  # Not expanding.
+        ('SAME', 128, 32, 64, False),  # Too wide: XLA's faster.
+        ('SAME', 128, 64, 64, False),
+        ('SAME', 16, 512, 512, False),
     ],
 )
 def test_conv_takes_the_tapwise_kernel_gradient(padding, size, channels, features, taps):
     conv = convolutions.Conv(features, (3, 3), padding=padding)
-    x = jax.ShapeDtypeStruct((1, size, size, channels), jnp.float32)
-    variables = jax.eval_shape(conv.init, jax.random.key(0), x)
-    jaxpr = str(jax.make_jaxpr(jax.grad(lambda v, x: conv.apply(v, x).sum()))(variables, x))
+    jaxpr = _gradient_jaxpr(conv, (1, size, size, channels))
     # The gradient chooses per platform; the CPU branch loops over the taps with one
     # matrix product each.
     assert ('platform_index' in jaxpr) == taps
     assert (jaxpr.count('scan[') == 1 and jaxpr.count('dot_general[') == 1) == taps
+
+
+@pytest.mark.parametrize('strides', [(2, 2), (2, 1)])
+def test_strided_conv_takes_the_phasewise_input_gradient(strides):
+    shape = (1, 32, 32, 32)
+    plain = _gradient_jaxpr(convolutions.Conv(32, (3, 3), padding='SAME'), shape)
+    strided = _gradient_jaxpr(convolutions.Conv(32, (3, 3), strides, padding='SAME'), shape)
+    assert 'platform_index' not in plain
+    # The strided gradient chooses per platform; the CPU branch convolves each of the
+    # stride's phases with its own taps.
+    assert 'platform_index' in strided
+    phases = strides[0] * strides[1]
+    assert strided.count('conv_general_dilated[') == plain.count('conv_general_dilated[') + phases
 
 
 def nn_conv(kwargs, features=3):

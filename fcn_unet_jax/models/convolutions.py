@@ -2,17 +2,20 @@
 
 XLA's CPU backend is slow on some convolution shapes that a network uses all the time
 (measured with `benchmarks/profile_train_step.py`): 1x1 convolutions and their backward
-pass, kernel gradients of convolutions over large feature maps, and transposed
-convolutions, which it lowers as convolutions over a zero-dilated input. The layers here
+pass, the input gradients of strided convolutions and transposed convolutions, both of
+which it lowers as convolutions over a zero-dilated input, and the kernel gradients of thin
+expanding convolutions over large feature maps. The layers here
 compute the same functions as matrix products where that is exact, keep `nn.Conv` /
 `nn.ConvTranspose`'s parameter names, shapes, initialisers and dtype handling (so
 checkpoints and imported weights are unaffected), and fall back to flax for every
 configuration they do not cover. The rewrites are plain matrix products and smaller
-convolutions, which accelerators run well too; only the tap-wise kernel gradient is
-CPU-specific (`lax.platform_dependent` keeps XLA's own gradient elsewhere).
+convolutions, which accelerators run well too; only the phase-wise input gradient and the
+tap-wise kernel gradient are CPU-specific (`lax.platform_dependent` keeps XLA's own
+gradients elsewhere).
 """
 
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -77,19 +80,15 @@ def _is_zero_padding(padding: Any) -> bool:
 
 
 _DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
-# Output maps from this many pixels (height x width) on get the tap-wise kernel gradient on
-# CPU. Measured on 2 cores (fp32, batch 4): XLA's own kernel gradient is 4-5x slower at
-# 158 x 158 and 316 x 316, but faster at 80 x 80 (45 vs 63 ms, 128 channels), and tap-wise
-# gradients on the many 40 x 40 maps of a dilated ResNet made its train step slower.
+# The tap-wise kernel gradient is used on CPU for output maps from this many pixels
+# (height x width) on, for expanding kernels of at most `TAPWISE_MAX_IN_CHANNELS` inputs:
+# the first conv of an encoder (3->64) and a U-Net's class head (16->21). Measured on 2
+# cores (fp32, batch 4, 320 x 320, XLA's convolutions on Eigen as `xla_options` sets):
+# 16->21 44 -> 34 ms, 3->64 38 -> 31 ms. For every wider kernel XLA's own gradient is
+# faster (64->64 at 320 x 320: 159 vs 344 ms; 32->64 at 160 x 160: 18 vs 23 ms; 2048->512
+# at 40 x 40: 341 vs 435 ms).
 TAPWISE_MIN_PIXELS = 128 * 128
-# ... and at least this many input and output channels, or more output than input
-# channels: with thin kernels that do not expand (the 32->16 and 16->16 convs at the top of
-# an encoder U-Net's decoder) the per-tap matrix products are too skinny to win.
-TAPWISE_MIN_CHANNELS = 64
-# On smaller maps, kernels with at least this many input and output channels: their per-tap
-# products are large enough to win (measured, batch 4: 2048->512 at 40 x 40 476 vs 709 ms,
-# 512->512 at 20 x 20 26 vs 37 ms), while XLA stays faster for 1024->256 or 3072->256.
-TAPWISE_MIN_CHANNELS_SMALL_MAPS = 512
+TAPWISE_MAX_IN_CHANNELS = 16
 
 
 def _lax_conv(x, kernel, strides, padding, dilation, precision):
@@ -140,29 +139,97 @@ def kernel_grad_by_taps(x, dy, kernel_shape, strides, padding, dilation, precisi
 
 def _tapwise_kernel_grad_pays(pixels: int, in_channels: int, out_channels: int) -> bool:
     """Whether `kernel_grad_by_taps` beats XLA's kernel gradient on CPU for this conv."""
-    channels = min(in_channels, out_channels)
-    if pixels >= TAPWISE_MIN_PIXELS:
-        # Expanding kernels are slow in XLA whatever their width (batch 4 at 320 x 320:
-        # 16->21, a U-Net's class head, 256 vs 52 ms; 3->64 60 vs 33 ms; 32->64 at
-        # 160 x 160 71 vs 28 ms), thin non-expanding ones fast (32->16: 56 vs 93 ms).
-        return channels >= TAPWISE_MIN_CHANNELS or out_channels > in_channels
-    return channels >= TAPWISE_MIN_CHANNELS_SMALL_MAPS
+    return (
+        pixels >= TAPWISE_MIN_PIXELS
+        and in_channels <= TAPWISE_MAX_IN_CHANNELS
+        and out_channels > in_channels
+    )
+
+
+def input_grad_by_phases(dy, kernel, input_shape, strides, padding, dilation, precision=None):
+    """The input gradient of a strided convolution, one small convolution per output phase.
+
+    Input pixel i = s m + a (phase a) receives dy[o] through tap t exactly when
+    s o + d t - lo = i, so only the taps with (a + lo - d t) divisible by s reach phase a,
+    from dy[m + (a + lo - d t) / s]. Each phase is thus a stride-1 convolution of `dy`
+    with its own taps (for a 3x3 stride-2 conv: 1, 2, 2 and 4 taps), and together they do
+    the forward pass's multiply-adds once. XLA's own gradient convolves the full kernel
+    over the s-times zero-dilated `dy` instead: s * s times the work (measured on 2 cores,
+    batch 4, ResNet's stride-2 3x3 convs: 128 channels at 160 x 160 102 -> 44 ms, 256 at
+    80 x 80 46 -> 18 ms, 512 at 40 x 40 31 -> 21 ms). The phases are then interleaved.
+
+    Args:
+      dy: NHWC gradient of the convolution's output.
+      kernel: (kh, kw, in, out) kernel.
+      input_shape: the convolution input's (height, width).
+      strides, padding, dilation: the convolution's (padding: ((lo, hi), (lo, hi)), >= 0).
+      precision: conv precision.
+
+    Returns:
+      The input gradient, [N, height, width, in].
+    """
+    n, out_h, out_w, _ = dy.shape
+    in_channels = kernel.shape[2]
+    # Every phase is computed over the rows (columns) of phase 0, the one with the most.
+    phase_size = [-(-size // stride) for size, stride in zip(input_shape, strides, strict=True)]
+
+    def phase_taps(dim, phase):
+        """The taps reaching `phase` along `dim` (descending, so offsets ascend), the offset
+        of the first into dy and the dilation between consecutive ones."""
+        s, d, lo = strides[dim], dilation[dim], padding[dim][0]
+        taps = [t for t in range(kernel.shape[dim]) if (phase + lo - d * t) % s == 0][::-1]
+        first_offset = (phase + lo - d * taps[0]) // s if taps else 0
+        return taps, first_offset, d // math.gcd(s, d)
+
+    rows = []
+    for a in range(strides[0]):
+        taps_h, offset_h, dilation_h = phase_taps(0, a)
+        phases = []
+        for b in range(strides[1]):
+            taps_w, offset_w, dilation_w = phase_taps(1, b)
+            if not taps_h or not taps_w:  # A kernel smaller than the stride skips this phase.
+                phases.append(jnp.zeros((n, *phase_size, in_channels), dy.dtype))
+                continue
+            taps = kernel[jnp.asarray(taps_h)][:, jnp.asarray(taps_w)].transpose(0, 1, 3, 2)
+            # dy shifted by the first tap's offset: zeros outside it, negative pads crop.
+            need_h = phase_size[0] + (len(taps_h) - 1) * dilation_h
+            need_w = phase_size[1] + (len(taps_w) - 1) * dilation_w
+            window = jax.lax.pad(
+                dy,
+                jnp.zeros((), dy.dtype),
+                (
+                    (0, 0, 0),
+                    (-offset_h, need_h - out_h + offset_h, 0),
+                    (-offset_w, need_w - out_w + offset_w, 0),
+                    (0, 0, 0),
+                ),
+            )
+            phases.append(
+                jax.lax.conv_general_dilated(
+                    window,
+                    taps.astype(dy.dtype),
+                    (1, 1),
+                    'VALID',
+                    rhs_dilation=(dilation_h, dilation_w),
+                    dimension_numbers=_DIMENSION_NUMBERS,
+                    precision=precision,
+                )
+            )
+        rows.append(jnp.stack(phases, axis=3))  # [N, rows, cols, phase b, C]
+    dx = jnp.stack(rows, axis=2)  # [N, rows, phase a, cols, phase b, C]
+    dx = dx.reshape(n, phase_size[0] * strides[0], phase_size[1] * strides[1], in_channels)
+    return dx[:, : input_shape[0], : input_shape[1]]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def conv2d(x, kernel, strides, padding, dilation, precision=None):
-    """`lax.conv_general_dilated` (NHWC, HWIO) whose kernel gradient on CPU is tap-wise.
+    """`lax.conv_general_dilated` (NHWC, HWIO) with the CPU's faster gradients.
 
-    XLA's CPU backend computes the kernel gradient as a convolution over the whole feature
-    map, which runs at a few tens of GFLOP/s for large maps (e.g. 26 GFLOP/s for 64->128
-    channels at 316 x 316, against 124 GFLOP/s tap-wise; measured on 2 cores), while
-    `kernel_grad_by_taps` runs as matrix products. It is used on CPU for output maps of at
-    least `TAPWISE_MIN_PIXELS` pixels and kernels of at least `TAPWISE_MIN_CHANNELS` input
-    and output channels or with more output than input channels, and on smaller maps for
-    kernels of at least `TAPWISE_MIN_CHANNELS_SMALL_MAPS` channels (a dilated ResNet's
-    512-channel 3x3 convs, the FCN head's 2048->512 conv); other convolutions and other
-    platforms keep XLA's own kernel gradient (`lax.platform_dependent`); the input gradient
-    is XLA's everywhere.
+    On CPU, a strided convolution's input gradient is computed phase by phase
+    (`input_grad_by_phases`, a quarter of the work of XLA's for stride 2), and thin
+    expanding kernels over large maps (`_tapwise_kernel_grad_pays`) get the tap-wise kernel
+    gradient (`kernel_grad_by_taps`). Other convolutions, and every convolution on other
+    platforms (`lax.platform_dependent`), keep XLA's own gradients.
 
     Args:
       x: NHWC input.
@@ -185,7 +252,12 @@ def _conv2d_bwd(strides, padding, dilation, precision, residuals, dy):
     def conv(x_, kernel_):
         return _lax_conv(x_, kernel_, strides, padding, dilation, precision)
 
-    dx = jax.vjp(lambda x_: conv(x_, kernel), x)[1](dy)[0]
+    def xla_input_grad(x, dy):
+        return jax.vjp(lambda x_: conv(x_, kernel), x)[1](dy)[0]
+
+    def phase_input_grad(x, dy):
+        grad = input_grad_by_phases(dy, kernel, x.shape[1:3], strides, padding, dilation, precision)
+        return grad.astype(x.dtype)
 
     def xla_kernel_grad(x, dy):
         return jax.vjp(lambda k: conv(x, k), kernel)[1](dy)[0]
@@ -194,9 +266,14 @@ def _conv2d_bwd(strides, padding, dilation, precision, residuals, dy):
         grad = kernel_grad_by_taps(x, dy, kernel.shape, strides, padding, dilation, precision)
         return grad.astype(kernel.dtype)
 
-    if not _tapwise_kernel_grad_pays(dy.shape[1] * dy.shape[2], *kernel.shape[2:]):
-        return dx, xla_kernel_grad(x, dy)
-    dkernel = jax.lax.platform_dependent(x, dy, cpu=tap_kernel_grad, default=xla_kernel_grad)
+    if strides == (1, 1):
+        dx = xla_input_grad(x, dy)
+    else:
+        dx = jax.lax.platform_dependent(x, dy, cpu=phase_input_grad, default=xla_input_grad)
+    if _tapwise_kernel_grad_pays(dy.shape[1] * dy.shape[2], *kernel.shape[2:]):
+        dkernel = jax.lax.platform_dependent(x, dy, cpu=tap_kernel_grad, default=xla_kernel_grad)
+    else:
+        dkernel = xla_kernel_grad(x, dy)
     return dx, dkernel
 
 
@@ -260,12 +337,13 @@ def _explicit_padding(padding: Any, spatial_shape, kernel_size, strides, dilatio
 
 
 class Conv(nn.Conv):
-    """`nn.Conv` with fast CPU paths: 1x1 convs as matmuls, tap-wise kernel gradients.
+    """`nn.Conv` with fast CPU paths: 1x1 convs as matmuls, faster gradients for the rest.
 
     * A 1x1 conv with zero padding is exactly `x[:, ::s, ::s] @ kernel[0, 0] + bias`, a
       matrix product over channels (`pointwise_conv`); XLA runs it (above all its backward
       pass) several times faster than the equivalent 1x1 convolution on CPU.
-    * Larger kernels go through `conv2d`, whose kernel gradient is computed tap-wise on CPU.
+    * Larger kernels go through `conv2d` (phase-wise input gradients of strided convs and
+      tap-wise kernel gradients of thin expanding ones, on CPU).
     * Everything else (circular / reflect / causal padding, groups, input dilation,
       masks) is `nn.Conv`.
     """
