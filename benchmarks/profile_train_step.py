@@ -111,18 +111,35 @@ def classify(info: dict[str, str], windows: dict[str, str]) -> str:
 
 
 def profile_events(trace_dir: str) -> collections.Counter:
-    """Total duration (ns) per event name of the XLA executor threads in the trace."""
+    """Total duration (ns) per event name of the XLA executor threads in the trace.
+
+    The CPU runtime runs some operations asynchronously (XLA's own convolutions, on the
+    Eigen thread pool): the event named after the operation then only covers its launch,
+    and a later `end: NAME` event marks its completion. Such an operation is timed from
+    its launch to its completion.
+    """
     from jax.profiler import ProfileData
 
-    totals: collections.Counter = collections.Counter()
+    launches: dict[str, list[tuple[int, int]]] = collections.defaultdict(list)
+    completions: dict[str, list[int]] = collections.defaultdict(list)
     for path in glob.glob(f'{trace_dir}/**/*.xplane.pb', recursive=True):
         for plane in ProfileData.from_file(path).planes:
             for line in plane.lines:
                 if not line.name.startswith('tf_XLA'):  # Python and other host threads.
                     continue
                 for event in line.events:
-                    if not event.name.startswith('end: '):
-                        totals[event.name] += event.duration_ns
+                    if event.name.startswith('end: '):
+                        completions[event.name[len('end: ') :]].append(event.end_ns)
+                    else:
+                        launches[event.name].append((event.start_ns, event.end_ns))
+    totals: collections.Counter = collections.Counter()
+    for name, spans in launches.items():
+        spans.sort()
+        ends = sorted(completions.get(name, []))
+        if len(ends) == len(spans):  # Asynchronous: each launch pairs with the next end.
+            pairs = zip(spans, ends, strict=True)
+            spans = [(start, max(end, done)) for (start, end), done in pairs]
+        totals[name] = sum(end - start for start, end in spans)
     return totals
 
 
