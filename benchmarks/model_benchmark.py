@@ -8,8 +8,8 @@ NumPy arrays for both frameworks):
 * infer img/s: the jitted `model.apply(..., train=False)` (logits at input size);
 * compile s: tracing, lowering and compiling the train step;
 * GFLOP/img: XLA's cost analysis of the compiled forward pass; a train step counts 3x
-  that (forward, input gradients, kernel gradients), since XLA counts the body of a loop
-  once and the tap-wise kernel gradients of `models/convolutions.py` are loops;
+  that (forward, input gradients, kernel gradients), the usual convention, whichever way
+  `models/convolutions.py` computes the backward pass;
 * GFLOP/s and % peak: FLOPs of the train step over its measured time, as a share of the
   machine's fp32 matmul ceiling (the best 4096 x 4096 matmul of NumPy, XLA and torch,
   measured at start, or `--peak_gflops`);
@@ -224,8 +224,8 @@ def _jax_worker(name: str) -> dict[str, Any]:
         'train_s': statistics.median(train_times),
         'infer_s': statistics.median(infer_times),
         'compile_s': compile_s,
-        # XLA counts a loop body once (the tap-wise kernel gradients loop over taps), so the
-        # train step is the usual 3x the forward pass (forward, input and kernel gradients).
+        # The usual 3x the forward pass (forward, input and kernel gradients), not XLA's
+        # count of the train step, which depends on how the gradients are rewritten.
         'train_flops': 3 * _cost_flops(compiled_forward),
         'infer_flops': _cost_flops(compiled_forward),
         'train_mib': (rss.peak - base_rss) / 2**20,

@@ -2,16 +2,14 @@
 
 XLA's CPU backend is slow on some convolution shapes that a network uses all the time
 (measured with `benchmarks/profile_train_step.py`): 1x1 convolutions and their backward
-pass, the input gradients of strided convolutions and transposed convolutions, both of
-which it lowers as convolutions over a zero-dilated input, and the kernel gradients of thin
-expanding convolutions over large feature maps. The layers here
+pass, and the input gradients of strided convolutions and transposed convolutions, both of
+which it lowers as convolutions over a zero-dilated input. The layers here
 compute the same functions as matrix products where that is exact, keep `nn.Conv` /
 `nn.ConvTranspose`'s parameter names, shapes, initialisers and dtype handling (so
 checkpoints and imported weights are unaffected), and fall back to flax for every
 configuration they do not cover. The rewrites are plain matrix products and smaller
-convolutions, which accelerators run well too; only the phase-wise input gradient and the
-tap-wise kernel gradient are CPU-specific (`lax.platform_dependent` keeps XLA's own
-gradients elsewhere).
+convolutions, which accelerators run well too; only the phase-wise input gradient is
+CPU-specific (`lax.platform_dependent` keeps XLA's own gradient elsewhere).
 """
 
 import functools
@@ -80,15 +78,6 @@ def _is_zero_padding(padding: Any) -> bool:
 
 
 _DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
-# The tap-wise kernel gradient is used on CPU for output maps from this many pixels
-# (height x width) on, for expanding kernels of at most `TAPWISE_MAX_IN_CHANNELS` inputs:
-# the first conv of an encoder (3->64) and a U-Net's class head (16->21). Measured on 2
-# cores (fp32, batch 4, 320 x 320, XLA's convolutions on Eigen as `xla_options` sets):
-# 16->21 44 -> 34 ms, 3->64 38 -> 31 ms. For every wider kernel XLA's own gradient is
-# faster (64->64 at 320 x 320: 159 vs 344 ms; 32->64 at 160 x 160: 18 vs 23 ms; 2048->512
-# at 40 x 40: 341 vs 435 ms).
-TAPWISE_MIN_PIXELS = 128 * 128
-TAPWISE_MAX_IN_CHANNELS = 16
 
 
 def _lax_conv(x, kernel, strides, padding, dilation, precision):
@@ -100,49 +89,6 @@ def _lax_conv(x, kernel, strides, padding, dilation, precision):
         rhs_dilation=dilation,
         dimension_numbers=_DIMENSION_NUMBERS,
         precision=precision,
-    )
-
-
-def kernel_grad_by_taps(x, dy, kernel_shape, strides, padding, dilation, precision=None):
-    """The kernel gradient of a convolution as one matrix product per kernel tap.
-
-    dK[i, j] = sum over (n, h, w) of x_pad[n, s h + d i, s w + d j, :] outer dy[n, h, w, :],
-    that is `X_ij^T @ dY` with both sides reshaped to (pixels, channels).
-
-    Args:
-      x: NHWC input of the convolution.
-      dy: NHWC gradient of its output.
-      kernel_shape: (kh, kw, in, out).
-      strides, padding, dilation: the convolution's (padding: ((lo, hi), (lo, hi)), >= 0).
-      precision: matmul precision.
-
-    Returns:
-      The kernel gradient, of shape `kernel_shape` and dtype `dy.dtype`.
-    """
-    kh, kw, cin, cout = kernel_shape
-    n, ho, wo, _ = dy.shape
-    x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
-    dy = dy.reshape(-1, cout)
-    span = ((ho - 1) * strides[0] + 1, (wo - 1) * strides[1] + 1)
-    offsets = jnp.asarray(
-        [(i * dilation[0], j * dilation[1]) for i in range(kh) for j in range(kw)], jnp.int32
-    )
-
-    def tap(_, offset):
-        # One tap window at a time (a loop, not kh * kw slices at once) bounds the memory.
-        window = jax.lax.dynamic_slice(x, (0, offset[0], offset[1], 0), (n, *span, cin))
-        window = window[:, :: strides[0], :: strides[1], :]
-        return None, jnp.matmul(window.reshape(-1, cin).T, dy, precision=precision)
-
-    return jax.lax.scan(tap, None, offsets)[1].reshape(kernel_shape)
-
-
-def _tapwise_kernel_grad_pays(pixels: int, in_channels: int, out_channels: int) -> bool:
-    """Whether `kernel_grad_by_taps` beats XLA's kernel gradient on CPU for this conv."""
-    return (
-        pixels >= TAPWISE_MIN_PIXELS
-        and in_channels <= TAPWISE_MAX_IN_CHANNELS
-        and out_channels > in_channels
     )
 
 
@@ -223,13 +169,15 @@ def input_grad_by_phases(dy, kernel, input_shape, strides, padding, dilation, pr
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def conv2d(x, kernel, strides, padding, dilation, precision=None):
-    """`lax.conv_general_dilated` (NHWC, HWIO) with the CPU's faster gradients.
+    """`lax.conv_general_dilated` (NHWC, HWIO) whose strided input gradient is phase-wise.
 
     On CPU, a strided convolution's input gradient is computed phase by phase
-    (`input_grad_by_phases`, a quarter of the work of XLA's for stride 2), and thin
-    expanding kernels over large maps (`_tapwise_kernel_grad_pays`) get the tap-wise kernel
-    gradient (`kernel_grad_by_taps`). Other convolutions, and every convolution on other
-    platforms (`lax.platform_dependent`), keep XLA's own gradients.
+    (`input_grad_by_phases`, a quarter of the work of XLA's for stride 2). Kernel
+    gradients, stride-1 input gradients and every gradient on other platforms
+    (`lax.platform_dependent`) are XLA's own. (With XLA's convolutions on Eigen, as
+    `xla_options` sets, one matrix product per kernel tap no longer pays even for thin
+    kernels over large maps: in a U-Net-ResNet50 train step the 16->21 class head's kernel
+    gradient took 70 ms tap-wise, 42 ms as XLA's.)
 
     Args:
       x: NHWC input.
@@ -259,21 +207,11 @@ def _conv2d_bwd(strides, padding, dilation, precision, residuals, dy):
         grad = input_grad_by_phases(dy, kernel, x.shape[1:3], strides, padding, dilation, precision)
         return grad.astype(x.dtype)
 
-    def xla_kernel_grad(x, dy):
-        return jax.vjp(lambda k: conv(x, k), kernel)[1](dy)[0]
-
-    def tap_kernel_grad(x, dy):
-        grad = kernel_grad_by_taps(x, dy, kernel.shape, strides, padding, dilation, precision)
-        return grad.astype(kernel.dtype)
-
     if strides == (1, 1):
         dx = xla_input_grad(x, dy)
     else:
         dx = jax.lax.platform_dependent(x, dy, cpu=phase_input_grad, default=xla_input_grad)
-    if _tapwise_kernel_grad_pays(dy.shape[1] * dy.shape[2], *kernel.shape[2:]):
-        dkernel = jax.lax.platform_dependent(x, dy, cpu=tap_kernel_grad, default=xla_kernel_grad)
-    else:
-        dkernel = xla_kernel_grad(x, dy)
+    dkernel = jax.vjp(lambda k: conv(x, k), kernel)[1](dy)[0]
     return dx, dkernel
 
 
@@ -342,8 +280,8 @@ class Conv(nn.Conv):
     * A 1x1 conv with zero padding is exactly `x[:, ::s, ::s] @ kernel[0, 0] + bias`, a
       matrix product over channels (`pointwise_conv`); XLA runs it (above all its backward
       pass) several times faster than the equivalent 1x1 convolution on CPU.
-    * Larger kernels go through `conv2d` (phase-wise input gradients of strided convs and
-      tap-wise kernel gradients of thin expanding ones, on CPU).
+    * Larger kernels go through `conv2d` (phase-wise input gradients of strided convs on
+      CPU).
     * Everything else (circular / reflect / causal padding, groups, input dilation,
       masks) is `nn.Conv`.
     """
