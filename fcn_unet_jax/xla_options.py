@@ -2,8 +2,10 @@
 
 Both flags name only the CPU backend; accelerators are unaffected. XLA reads them only from
 the `XLA_FLAGS` environment variable when it creates a backend (per-jit `compiler_options`
-do not reach them), so the entry points call `set_default_flags()` first. All numbers are
-from `benchmarks/model_benchmark.py` on 2 cores (320 px, batch 4, fp32).
+do not reach them), so the entry points call `set_default_flags()` first. XLA refuses to
+start with a flag it does not know, so a jaxlib that drops one fails the whole test suite
+at once (tests/conftest.py sets the same flags). Numbers: 2 cores, 320 px, batch 4, fp32;
+memory from `benchmarks/model_benchmark.py`, layer times from single-layer timings.
 
 * `xla_cpu_enable_concurrency_optimized_scheduler=false`: XLA's default CPU scheduler
   orders independent operations to run side by side, which keeps many activations alive at
