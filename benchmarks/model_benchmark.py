@@ -7,9 +7,10 @@ NumPy arrays for both frameworks):
   SGD with momentum 0.9, BatchNorm statistics update), median of the timed steps;
 * infer img/s: the jitted `model.apply(..., train=False)` (logits at input size);
 * compile s: tracing, lowering and compiling the train step;
-* GFLOP/img: XLA's cost analysis of the compiled forward pass; a train step counts 3x
-  that (forward, input gradients, kernel gradients), the usual convention, whichever way
-  `models/convolutions.py` computes the backward pass;
+* GFLOP/img: XLA's cost analysis of the forward pass with direct convolutions (lowered
+  for a GPU, so not the CPU's Winograd convolutions, which do about half the work); a
+  train step counts 3x that (forward, input gradients, kernel gradients), the usual
+  convention, whichever way `models/convolutions.py` computes the backward pass;
 * GFLOP/s and % peak: FLOPs of the train step over its measured time, as a share of the
   machine's fp32 matmul ceiling (the best 4096 x 4096 matmul of NumPy, XLA and torch,
   measured at start, or `--peak_gflops`);
@@ -149,8 +150,9 @@ def _time_steps(step: Callable[[], Any], steps: int) -> list[float]:
     return durations
 
 
-def _cost_flops(compiled) -> float:
-    cost = compiled.cost_analysis()
+def _cost_flops(computation) -> float:
+    """FLOPs in XLA's cost analysis of a lowered or compiled computation."""
+    cost = computation.cost_analysis()
     if isinstance(cost, list | tuple):  # Older jax returns one dict per computation.
         cost = cost[0]
     return float(cost.get('flops', float('nan')))
@@ -211,12 +213,16 @@ def _jax_worker(name: str) -> dict[str, Any]:
         train_times = _time_steps(run_train_step, FLAGS.steps)
 
     variables = holder['state'].variables()
-    forward = jax.jit(
-        lambda v, x: jnp.asarray(train._main_logits(model.apply(v, x, train=False)))
-    ).lower(variables, batch['image'])
-    compiled_forward = forward.compile()
+    forward = jax.jit(lambda v, x: jnp.asarray(train._main_logits(model.apply(v, x, train=False))))
+    compiled_forward = forward.lower(variables, batch['image']).compile()
     infer_times = _time_steps(
         lambda: compiled_forward(variables, batch['image']).block_until_ready(), FLAGS.steps
+    )
+    # The model's FLOPs are those of its direct convolutions, whichever algorithm runs
+    # them here: lowered for a GPU, the CPU's Winograd convolutions
+    # (`models/winograd.py`, about half the multiply-adds) are not taken.
+    model_flops = _cost_flops(
+        forward.trace(variables, batch['image']).lower(lowering_platforms=('cuda',))
     )
     return {
         'input_size': size[0],
@@ -226,8 +232,8 @@ def _jax_worker(name: str) -> dict[str, Any]:
         'compile_s': compile_s,
         # The usual 3x the forward pass (forward, input and kernel gradients), not XLA's
         # count of the train step, which depends on how the gradients are rewritten.
-        'train_flops': 3 * _cost_flops(compiled_forward),
-        'infer_flops': _cost_flops(compiled_forward),
+        'train_flops': 3 * model_flops,
+        'infer_flops': model_flops,
         'train_mib': (rss.peak - base_rss) / 2**20,
         'xla_mib': None if xla_bytes is None else xla_bytes / 2**20,
         'device': jax.devices()[0].device_kind,

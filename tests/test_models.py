@@ -686,7 +686,7 @@ def test_remat_survives_xla_cpu_common_subexpression_elimination():
     """The compiled gradient recomputes the rematerialised blocks instead of merging them.
 
     XLA:CPU drops `jax.checkpoint`'s optimisation barriers before CSE; without
-    `layers.keep_recomputation` the recomputed convolutions merge back into the forward
+    `recompute.keep_recomputation` the recomputed convolutions merge back into the forward
     pass and the compiled gradient has as many convolutions and products as without remat.
     """
     x = jnp.ones((2, 64, 64, 3))

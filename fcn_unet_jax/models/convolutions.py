@@ -20,6 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fcn_unet_jax.models import winograd
+
 Array = jax.Array
 
 
@@ -274,13 +276,36 @@ def _explicit_padding(padding: Any, spatial_shape, kernel_size, strides, dilatio
     return pairs
 
 
+def _conv_taps(x, kernel, strides, padding, dilation, precision) -> Array:
+    """A convolution with a kernel larger than 1x1: Winograd's on CPU where it pays."""
+
+    def direct(x, kernel):
+        return conv2d(x, kernel, strides, padding, dilation, precision)
+
+    winograd_fits = (
+        kernel.shape[:2] == (3, 3)
+        and strides == (1, 1)
+        and x.dtype == jnp.float32
+        and winograd.pays(kernel.shape[2], kernel.shape[3])
+    )
+    if not winograd_fits:
+        return direct(x, kernel)
+
+    def minimal_filtering(x, kernel):
+        return winograd.conv3x3(x, kernel, dilation, padding, precision)
+
+    return jax.lax.platform_dependent(x, kernel, cpu=minimal_filtering, default=direct)
+
+
 class Conv(nn.Conv):
     """`nn.Conv` with fast CPU paths: 1x1 convs as matmuls, faster gradients for the rest.
 
     * A 1x1 conv with zero padding is exactly `x[:, ::s, ::s] @ kernel[0, 0] + bias`, a
       matrix product over channels (`pointwise_conv`); XLA runs it (above all its backward
       pass) several times faster than the equivalent 1x1 convolution on CPU.
-    * Larger kernels go through `conv2d` (phase-wise input gradients of strided convs on
+    * On CPU, float32 3x3 stride-1 convs with enough channels (`winograd.pays`) run as
+      Winograd's minimal filtering (`winograd.conv3x3`, about half the multiply-adds).
+    * Other kernels go through `conv2d` (phase-wise input gradients of strided convs on
       CPU).
     * Everything else (circular / reflect / causal padding, groups, input dilation,
       masks) is `nn.Conv`.
@@ -330,8 +355,9 @@ class Conv(nn.Conv):
                 inputs = inputs[:, :: strides[0], :: strides[1], :]
             y = pointwise_conv(inputs, kernel[0, 0], self.precision)
         else:
-            dilation = _pair(self.kernel_dilation)
-            y = conv2d(inputs, kernel, strides, padding, dilation, self.precision)
+            y = _conv_taps(
+                inputs, kernel, strides, padding, _pair(self.kernel_dilation), self.precision
+            )
         return y if bias is None else y + bias
 
 

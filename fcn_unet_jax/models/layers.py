@@ -3,7 +3,7 @@
 Bilinear upsampling kernels (Caffe's `upsample_filt` / FCN `surgery.interp`), transposed
 convolutions that are either learnable (`params`) or frozen (the `frozen` collection),
 crops, resizes that match PyTorch's `F.interpolate`, channel scaling for the `width`
-multiplier, the compute-dtype table and rematerialisation that XLA:CPU keeps.
+multiplier, the compute-dtype table and rematerialisation of blocks.
 """
 
 from collections.abc import Callable, Sequence
@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fcn_unet_jax.models import convolutions
+from fcn_unet_jax.models import convolutions, recompute
 
 Array = jax.Array
 
@@ -179,30 +179,12 @@ def upsample_nearest2x(x: Array) -> Array:
     return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
 
 
-def keep_recomputation(x: Array) -> Array:
-    """`x` plus a zero that XLA's CPU compiler cannot prove equal across recomputations.
-
-    `jax.checkpoint` keeps its recomputation apart from the forward pass with optimisation
-    barriers, but XLA:CPU drops the barriers before common-subexpression elimination,
-    which then merges the recomputation back into the forward pass: the forward
-    activations stay alive and rematerialisation saves nothing. A zero drawn from XLA's
-    stateful RNG (never merged; `0 * r` is not folded for floats) makes each computation
-    of the block distinct. Other platforms keep their barriers and get `x` unchanged.
-    """
-
-    def with_distinct_zero(x: Array) -> Array:
-        random = jax.lax.rng_uniform(jnp.float32(0), jnp.float32(1), ())
-        return x + (random * 0).astype(x.dtype)
-
-    return jax.lax.platform_dependent(x, cpu=with_distinct_zero, default=lambda x: x)
-
-
 def maybe_remat(module_cls: type[nn.Module], remat: bool, **kwargs: Any) -> Callable[..., Any]:
     """Returns `nn.remat(module_cls)` when `remat` is set, else the class itself.
 
     Lifting keeps the module's name, so parameter paths do not depend on `remat`.
     `kwargs` go to `nn.remat` (e.g. `static_argnums=(2,)` for a positional `train` flag).
-    The rematerialised module's first input passes through `keep_recomputation`, without
+    The rematerialised module's first input passes through `recompute.keep_recomputation`, without
     which XLA:CPU undoes the rematerialisation.
     """
     if not remat:
@@ -211,7 +193,7 @@ def maybe_remat(module_cls: type[nn.Module], remat: bool, **kwargs: Any) -> Call
     class Rematerialised(module_cls):
         @nn.compact
         def __call__(self, x, *args, **kwargs):
-            return super().__call__(keep_recomputation(x), *args, **kwargs)
+            return super().__call__(recompute.keep_recomputation(x), *args, **kwargs)
 
     # Flax names unnamed submodules after their class: keep the original's.
     Rematerialised.__name__ = module_cls.__name__
