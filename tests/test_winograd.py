@@ -77,6 +77,36 @@ def test_training_gradients_equal_the_direct_convolutions(h, w, dilation, paddin
     assert 'conv_general_dilated' not in jaxpr
 
 
+@pytest.mark.parametrize('tile_size', winograd.TILE_SIZES)
+def test_wide_inputs_are_transformed_a_slice_of_channels_at_a_time(tile_size, monkeypatch):
+    monkeypatch.setitem(winograd.MIN_HARMONIC_CHANNELS, 'training', 0)
+    x, kernel = _inputs(10, 9, seed=3, channels=(7, 4))
+    dilation, padding = (1, 1), ((1, 1), (1, 1))
+    geometry = winograd._geometry(x.shape, dilation, padding, tile_size)
+    whole = winograd._channel_slices(x.shape, geometry)
+    assert whole == [slice(0, 7)]
+    # Room for three channels' transformed inputs: slices of 3, 3 and 1 channels.
+    per_channel = geometry.alpha**2 * 2 * np.prod(geometry.tiles) * 4
+    monkeypatch.setattr(winograd, '_MAX_TRANSFORMED_BYTES', 3 * per_channel)
+    assert winograd._channel_slices(x.shape, geometry) == [
+        slice(0, 3),
+        slice(3, 6),
+        slice(6, 7),
+    ]
+    want = _direct(x, kernel, dilation, padding)
+    got = winograd.minimal_filtering(x, kernel, dilation, padding, tile_size)
+    assert _relative_error(got, want) < (1e-6 if tile_size == 2 else 1e-5)
+    ours = functools.partial(winograd.conv3x3, dilation=dilation, padding=padding)
+    cotangent = jnp.asarray(np.random.default_rng(4).normal(size=want.shape), jnp.float32)
+    got_grads = jax.vjp(ours, x, kernel)[1](cotangent)
+    want_grads = jax.vjp(functools.partial(_direct, dilation=dilation, padding=padding), x, kernel)[
+        1
+    ](cotangent)
+    for got, expected in zip(got_grads, want_grads, strict=True):
+        assert got.shape == expected.shape
+        assert _relative_error(got, expected) < 1e-6
+
+
 def test_narrow_convolutions_train_through_the_direct_gradient():
     x, kernel = _inputs(9, 11, channels=(192, 96))
     assert winograd.pays(192, 96, 'inference') and not winograd.pays(192, 96, 'training')

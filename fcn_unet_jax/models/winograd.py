@@ -27,6 +27,7 @@ waste. Only float32 is transformed: bfloat16 would lose too much.
 """
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -83,6 +84,10 @@ TILE_SIZES = tuple(_MATRICES)
 # transformed convolution adds about 1 s to the train step's compile time (33 of them
 # would take FCN-ResNet101's past 50 s).
 MIN_HARMONIC_CHANNELS = {'inference': 48, 'training': 192}
+# Transformed inputs larger than this are formed a slice of input channels at a time, so
+# that a wide layer's transform-domain temporaries (the FCN head's 2048 channels: 210 MB
+# in F(2x2) at 40 x 40, batch 4) never all live at once, beside a step's activations.
+_MAX_TRANSFORMED_BYTES = 64 * 2**20
 # The inference pass takes F(4x4) unless its tiles cover this much more padded area
 # than F(2x2)'s (ResNet layer4's dilation 4 on a 40 x 40 map: 1.44 -> F(2x2)).
 _MAX_F4_TILE_WASTE = 1.15
@@ -248,10 +253,24 @@ def _batched(lhs: Array, rhs: Array, lhs_contract: int, rhs_contract: int, preci
     return jax.lax.dot_general(lhs, rhs, dims, precision=precision)
 
 
+def _channel_slices(x_shape, geometry: _Geometry) -> list[slice]:
+    """Input-channel slices whose transformed inputs stay under `_MAX_TRANSFORMED_BYTES`."""
+    n, channels = x_shape[0], x_shape[-1]
+    tiles = n * math.prod(geometry.tiles) * math.prod(geometry.dilation)
+    bytes_per_channel = geometry.alpha**2 * tiles * 4
+    parts = -(-bytes_per_channel * channels // _MAX_TRANSFORMED_BYTES)
+    size = -(-channels // parts)
+    return [slice(start, min(start + size, channels)) for start in range(0, channels, size)]
+
+
 def _winograd(x, kernel, geometry: _Geometry, precision) -> Array:
-    v = input_transform(x, geometry)
     u = kernel_transform(kernel, geometry.m)
-    return output_transform(_batched(v, u, 2, 1, precision), geometry)
+    products = None
+    for part in _channel_slices(x.shape, geometry):
+        v = input_transform(x[..., part], geometry)
+        product = _batched(v, u[:, part], 2, 1, precision)
+        products = product if products is None else products + product
+    return output_transform(products, geometry)
 
 
 def minimal_filtering(x: Array, kernel: Array, dilation, padding, tile_size: int, precision=None):
@@ -336,14 +355,22 @@ def _conv3x3_bwd(dilation, padding, precision, residuals, dy):
         )
         return direct_vjp(dy)
     geometry = _geometry(x.shape, dilation, padding, 2)
-    # Recomputed rather than saved (the transformed input is 4x the input's size), and
-    # kept apart from the forward pass's, which XLA:CPU would otherwise keep alive.
-    v = input_transform(recompute.keep_recomputation(x), geometry)
+    # The transformed input (4x the input's size) and kernel (16/9 the kernel's) are
+    # recomputed rather than saved, and kept apart from the forward pass's, which XLA:CPU
+    # would otherwise keep alive from forward to backward (ten 512 x 512 layers of the
+    # VGG16 U-Net: 160 MB).
+    x, kernel = recompute.keep_recomputation(x), recompute.keep_recomputation(kernel)
     u = kernel_transform(kernel, geometry.m)
     dm = output_transform_transpose(dy, geometry)
-    du = _kernel_grad_product(v, dm, precision)
-    dx = input_transform_transpose(_batched(dm, u, 2, 2, precision), geometry, x.shape)
-    return dx.astype(x.dtype), kernel_transform_transpose(du, geometry.m).astype(kernel.dtype)
+    du, dx = [], []
+    for part in _channel_slices(x.shape, geometry):
+        x_part = x[..., part]
+        du.append(_kernel_grad_product(input_transform(x_part, geometry), dm, precision))
+        dv = _batched(dm, u[:, part], 2, 2, precision)
+        dx.append(input_transform_transpose(dv, geometry, x_part.shape))
+    dx = jnp.concatenate(dx, axis=-1).astype(x.dtype)
+    dkernel = kernel_transform_transpose(jnp.concatenate(du, axis=1), geometry.m)
+    return dx, dkernel.astype(kernel.dtype)
 
 
 conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
