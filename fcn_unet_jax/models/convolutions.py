@@ -290,11 +290,8 @@ def _conv_taps(x, kernel, strides, padding, dilation, precision) -> Array:
     )
     if not winograd_fits:
         return direct(x, kernel)
-
-    def minimal_filtering(x, kernel):
-        return winograd.conv3x3(x, kernel, dilation, padding, precision)
-
-    return jax.lax.platform_dependent(x, kernel, cpu=minimal_filtering, default=direct)
+    # Transformed on CPU only; `winograd.conv3x3` convolves directly elsewhere.
+    return winograd.conv3x3(x, kernel, dilation, padding, precision)
 
 
 class Conv(nn.Conv):
