@@ -9,10 +9,10 @@ multiply-adds of the direct convolution, F(4x4) 36/144. The transforms are addit
 multiplications by small constants, memory-bound passes that cost less than the saved
 products once both channel counts are a few dozen.
 
-Measured on 2 CPU cores, batch 4 (`benchmarks/conv_benchmark.py`): the FCN-ResNet head's
-2048->512 conv at 40 x 40 runs forward in 383 instead of 945 ms (F4) and forward plus
-both gradients in 1.17 instead of 2.25 s (F2); ResNet layer4's dilated 512->512 conv
-train 0.34 vs 0.51 s.
+Measured on 2 CPU cores (AVX2), batch 4 (`benchmarks/conv_benchmark.py`): the FCN-ResNet
+head's 2048->512 conv at 40 x 40 runs forward in 466 instead of 976 ms (F4) and forward
+plus both gradients in 1.30 instead of 2.47 s (F2); ResNet layer4's dilated 512->512 conv
+trains in 0.33 instead of 0.48 s, VGG16's 512->512 at 40 x 40 in 0.38 instead of 0.54 s.
 
 Dilated convolutions tile each of the dilation's residue classes: with dilation d the
 outputs `m d k + d i + r` (i < m) of one residue r read the inputs `m d k + d j + r`
