@@ -21,9 +21,10 @@ outputs `m d k + d i + r` (i < m) of one residue r read the inputs `m d k + d j 
 
 Numerics: the transforms are exact in real arithmetic; in float32 F(2x2)'s rounding is
 that of the direct convolution (coefficients 0, +-1, +-1/2), F(4x4)'s about 10x larger
-(relative error ~2e-6 per layer). The training path (`jax.grad`) uses F(2x2) throughout;
-the forward pass alone (inference) uses F(4x4) where it tiles the output without much
-waste. Only float32 is transformed: bfloat16 would lose too much.
+(relative error ~2e-6 per layer). Differentiated (`jax.grad`), a convolution wide enough
+to pay in training runs F(2x2) forward and backward, a narrower one the direct
+convolution; the forward pass alone (inference) uses F(4x4) where it tiles the output
+without much waste. Only float32 is transformed: bfloat16 would lose too much.
 """
 
 import functools
