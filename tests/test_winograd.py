@@ -126,6 +126,8 @@ def test_pays_thresholds():
     assert winograd.pays(384, 64) and winograd.pays(256, 256)
     assert winograd.pays(2048, 512, 'training') and winograd.pays(512, 512, 'training')
     assert not winograd.pays(256, 256, 'training')
+    with pytest.raises(ValueError, match="'train'"):
+        winograd.pays(256, 256, 'train')
 
 
 def test_inference_tile_size_avoids_padded_tiles():

@@ -278,10 +278,6 @@ def _explicit_padding(padding: Any, spatial_shape, kernel_size, strides, dilatio
 
 def _conv_taps(x, kernel, strides, padding, dilation, precision) -> Array:
     """A convolution with a kernel larger than 1x1: Winograd's on CPU where it pays."""
-
-    def direct(x, kernel):
-        return conv2d(x, kernel, strides, padding, dilation, precision)
-
     winograd_fits = (
         kernel.shape[:2] == (3, 3)
         and strides == (1, 1)
@@ -289,7 +285,7 @@ def _conv_taps(x, kernel, strides, padding, dilation, precision) -> Array:
         and winograd.pays(kernel.shape[2], kernel.shape[3])
     )
     if not winograd_fits:
-        return direct(x, kernel)
+        return conv2d(x, kernel, strides, padding, dilation, precision)
     # Transformed on CPU only; `winograd.conv3x3` convolves directly elsewhere.
     return winograd.conv3x3(x, kernel, dilation, padding, precision)
 

@@ -78,12 +78,12 @@ _MATRICES = {
 }
 TILE_SIZES = tuple(_MATRICES)
 # Winograd pays once the harmonic channel count C_in C_out / (C_in + C_out) reaches these
-# (2 cores, batch 4). Inference, F(4x4): 384->64 (55) at 80 x 80 breaks even, 768->128
-# (110) at 40 x 40 is 1.2x faster, 128->32 (26) at 160 x 160 1.7x slower. Training,
-# F(2x2) forward and backward: 2048->512 (410) 2.25 -> 1.42 s, 512->512 (256) dilated 4
-# 0.51 -> 0.39 s, but 256->256 (128) only 140 -> 111 ms and 384->64 no faster, while each
-# transformed convolution adds about 1 s to the train step's compile time (33 of them
-# would take FCN-ResNet101's past 50 s).
+# (2 cores, batch 4). Inference, F(4x4): 384->64 (55) at 80 x 80 is at best even
+# (0.87-1x), 768->128 (110) at 40 x 40 is 1.2x faster, 128->32 (26) at 160 x 160 1.7x
+# slower. Training, F(2x2) forward and backward: 2048->512 (410) 2.25 -> 1.42 s, 512->512
+# (256) dilated 4 0.51 -> 0.39 s, but 256->256 (128) only 140 -> 111 ms and 384->64 no
+# faster, while each transformed convolution adds about 1 s to the train step's compile
+# time (33 of them would take FCN-ResNet101's past 50 s).
 MIN_HARMONIC_CHANNELS = {'inference': 48, 'training': 192}
 # Transformed inputs larger than this are formed a slice of input channels at a time, so
 # that a wide layer's transform-domain temporaries (the FCN head's 2048 channels: 210 MB
@@ -100,7 +100,12 @@ def pays(in_channels: int, out_channels: int, mode: str = 'inference') -> bool:
     Args:
       in_channels, out_channels: the convolution's channel counts.
       mode: 'inference' (the forward pass alone) or 'training' (forward and backward).
+
+    Raises:
+      ValueError: for any other mode.
     """
+    if mode not in MIN_HARMONIC_CHANNELS:
+        raise ValueError(f'mode must be one of {sorted(MIN_HARMONIC_CHANNELS)}, got {mode!r}.')
     harmonic = MIN_HARMONIC_CHANNELS[mode]
     return in_channels * out_channels >= harmonic * (in_channels + out_channels)
 
