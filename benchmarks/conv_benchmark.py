@@ -41,6 +41,14 @@ LAYERS = [
     ('U-Net decoder 4 (ResNet-50)', 160, 128, 32, 1),
     ('VGG16 conv3', 80, 256, 256, 1),
     ('VGG16 conv4', 40, 512, 512, 1),
+    ('VGG16 conv5', 20, 512, 512, 1),
+    ('U-Net decoder 0 (VGG16)', 20, 1024, 256, 1),
+    ('ResNet layer4 (U-Net)', 10, 512, 512, 1),
+    # Where small maps stop paying (`winograd.MIN_MAP_POSITIONS`).
+    ('map size', 16, 512, 512, 1),
+    ('map size', 24, 512, 512, 1),
+    ('map size', 32, 512, 512, 1),
+    ('map size', 24, 3072, 256, 1),
 ]
 
 
@@ -108,7 +116,8 @@ def main(argv):
             f'| {name} | {side} x {side} | {c_in} -> {c_out} | {dilation} '
             f'| {1e3 * df:.0f} / {1e3 * dt:.0f} | {1e3 * wf:.0f} / {1e3 * wt:.0f} '
             f'| {df / wf:.2f} / {dt / wt:.2f} | {dc:.1f} / {wc:.1f} '
-            f'| {winograd.pays(c_in, c_out)} / {winograd.pays(c_in, c_out, "training")} |',
+            f'| {winograd.pays(c_in, c_out, shape[1:3])} '
+            f'/ {winograd.pays(c_in, c_out, shape[1:3], "training")} |',
             flush=True,
         )
 

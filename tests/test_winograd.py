@@ -40,6 +40,13 @@ def _relative_error(a, b) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
+@pytest.fixture
+def transform_every_training_conv(monkeypatch):
+    """Every channel count and map size takes the Winograd backward pass."""
+    monkeypatch.setitem(winograd.MIN_HARMONIC_CHANNELS, 'training', 0)
+    monkeypatch.setitem(winograd.MIN_MAP_POSITIONS, 'training', 0)
+
+
 def _inputs(h, w, seed=0, channels=(5, 6)):
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.normal(size=(2, h, w, channels[0])), jnp.float32)
@@ -59,9 +66,8 @@ def test_minimal_filtering_equals_the_direct_convolution(h, w, dilation, padding
 
 
 @pytest.mark.parametrize(('h', 'w', 'dilation', 'padding'), GEOMETRIES)
-def test_training_gradients_equal_the_direct_convolutions(h, w, dilation, padding, monkeypatch):
-    # Every channel count takes the Winograd backward pass.
-    monkeypatch.setitem(winograd.MIN_HARMONIC_CHANNELS, 'training', 0)
+@pytest.mark.usefixtures('transform_every_training_conv')
+def test_training_gradients_equal_the_direct_convolutions(h, w, dilation, padding):
     x, kernel = _inputs(h, w, seed=1)
     ours = functools.partial(winograd.conv3x3, dilation=dilation, padding=padding)
     direct = functools.partial(_direct, dilation=dilation, padding=padding)
@@ -78,8 +84,8 @@ def test_training_gradients_equal_the_direct_convolutions(h, w, dilation, paddin
 
 
 @pytest.mark.parametrize('tile_size', winograd.TILE_SIZES)
+@pytest.mark.usefixtures('transform_every_training_conv')
 def test_wide_inputs_are_transformed_a_slice_of_channels_at_a_time(tile_size, monkeypatch):
-    monkeypatch.setitem(winograd.MIN_HARMONIC_CHANNELS, 'training', 0)
     x, kernel = _inputs(10, 9, seed=3, channels=(7, 4))
     dilation, padding = (1, 1), ((1, 1), (1, 1))
     geometry = winograd._geometry(x.shape, dilation, padding, tile_size)
@@ -107,9 +113,15 @@ def test_wide_inputs_are_transformed_a_slice_of_channels_at_a_time(tile_size, mo
         assert _relative_error(got, expected) < 1e-6
 
 
-def test_narrow_convolutions_train_through_the_direct_gradient():
-    x, kernel = _inputs(9, 11, channels=(192, 96))
-    assert winograd.pays(192, 96, 'inference') and not winograd.pays(192, 96, 'training')
+@pytest.mark.parametrize(
+    ('channels', 'min_positions'),
+    [((192, 96), 0), ((512, 512), None)],  # Too narrow; on too small a map (9 x 11).
+)
+def test_other_convolutions_train_through_the_direct_gradient(channels, min_positions, monkeypatch):
+    if min_positions is not None:
+        monkeypatch.setitem(winograd.MIN_MAP_POSITIONS, 'training', min_positions)
+    x, kernel = _inputs(9, 11, channels=channels)
+    assert not winograd.pays(*channels, (9, 11), 'training')
     conv = functools.partial(winograd.conv3x3, dilation=(1, 1), padding=((1, 1), (1, 1)))
     grad = jax.grad(lambda x, k: conv(x, k).sum(), argnums=(0, 1))
     jaxpr = str(jax.make_jaxpr(grad)(x, kernel))
@@ -122,12 +134,17 @@ def test_narrow_convolutions_train_through_the_direct_gradient():
 
 
 def test_pays_thresholds():
-    assert not winograd.pays(128, 32)  # 160 x 160 U-Net decoder: slower transformed.
-    assert winograd.pays(384, 64) and winograd.pays(256, 256)
-    assert winograd.pays(2048, 512, 'training') and winograd.pays(512, 512, 'training')
-    assert not winograd.pays(256, 256, 'training')
+    assert not winograd.pays(128, 32, (160, 160))  # U-Net decoder: slower transformed.
+    assert winograd.pays(384, 64, (80, 80)) and winograd.pays(256, 256, (24, 24))
+    assert not winograd.pays(512, 512, (20, 20))  # Too few tiles to amortise the transforms.
+    assert winograd.pays(2048, 512, (40, 40), 'training')
+    assert winograd.pays(512, 512, (40, 40), 'training')
+    assert not winograd.pays(256, 256, (80, 80), 'training')
+    # The bottom of a U-Net at 320 px: faster, but its memory lands on the step's peak.
+    assert not winograd.pays(512, 512, (20, 20), 'training')
+    assert not winograd.pays(3072, 256, (39, 40), 'training')
     with pytest.raises(ValueError, match="'train'"):
-        winograd.pays(256, 256, 'train')
+        winograd.pays(256, 256, (40, 40), 'train')
 
 
 def test_inference_tile_size_avoids_padded_tiles():
@@ -145,27 +162,28 @@ def _conv_jaxpr(conv, x):
 
 
 @pytest.mark.parametrize(
-    ('channels', 'kwargs', 'transformed'),
+    ('channels', 'side', 'kwargs', 'transformed'),
     [
-        ((128, 128), {}, True),
-        ((128, 128), {'kernel_dilation': 2}, True),
-        ((128, 32), {}, False),  # Too few channels to pay.
-        ((128, 128), {'strides': 2}, False),
-        ((128, 128), {'dtype': jnp.bfloat16}, False),
+        ((128, 128), 24, {}, True),
+        ((128, 128), 24, {'kernel_dilation': 2}, True),
+        ((128, 32), 24, {}, False),  # Too few channels to pay.
+        ((128, 128), 23, {}, False),  # Too small a map.
+        ((128, 128), 48, {'strides': 2}, False),
+        ((128, 128), 24, {'dtype': jnp.bfloat16}, False),
     ],
 )
-def test_conv_takes_winograd_on_cpu_where_it_pays(channels, kwargs, transformed):
-    x = jax.ShapeDtypeStruct((1, 16, 16, channels[0]), jnp.float32)
+def test_conv_takes_winograd_on_cpu_where_it_pays(channels, side, kwargs, transformed):
+    x = jax.ShapeDtypeStruct((1, side, side, channels[0]), jnp.float32)
     conv = convolutions.Conv(channels[1], (3, 3), padding='SAME', **kwargs)
     jaxpr = _conv_jaxpr(conv, x)
     assert ('name=conv3x3' in jaxpr) == transformed
     assert ('name=conv2d' in jaxpr) != transformed
 
 
+@pytest.mark.usefixtures('transform_every_training_conv')
 def test_other_platforms_convolve_directly_forward_and_backward():
     x, kernel = _inputs(12, 12, channels=(256, 256))
     conv = functools.partial(winograd.conv3x3, dilation=(1, 1), padding=((1, 1), (1, 1)))
-    assert winograd.pays(256, 256) and winograd.pays(512, 512, 'training')
 
     def lowered(f, *args, platform):
         return jax.jit(f).trace(*args).lower(lowering_platforms=(platform,)).as_text()
@@ -182,9 +200,10 @@ def test_other_platforms_convolve_directly_forward_and_backward():
 
 
 def test_conv_with_winograd_equals_flax_conv():
-    x, _ = _inputs(11, 10, channels=(128, 128))
+    x, _ = _inputs(25, 26, channels=(128, 128))
     ours = convolutions.Conv(128, (3, 3), padding='SAME', kernel_dilation=2)
     reference = nn.Conv(128, (3, 3), padding='SAME', kernel_dilation=2)
     variables = ours.init(jax.random.key(0), x)
+    assert 'name=conv3x3' in str(jax.make_jaxpr(ours.apply)(variables, x))
     y = jax.jit(ours.apply)(variables, x)
     assert _relative_error(y, jax.jit(reference.apply)(variables, x)) < 1e-5

@@ -282,7 +282,7 @@ def _conv_taps(x, kernel, strides, padding, dilation, precision) -> Array:
         kernel.shape[:2] == (3, 3)
         and strides == (1, 1)
         and x.dtype == jnp.float32
-        and winograd.pays(kernel.shape[2], kernel.shape[3])
+        and winograd.pays(kernel.shape[2], kernel.shape[3], x.shape[1:3])
     )
     if not winograd_fits:
         return conv2d(x, kernel, strides, padding, dilation, precision)

@@ -22,9 +22,9 @@ outputs `m d k + d i + r` (i < m) of one residue r read the inputs `m d k + d j 
 Numerics: the transforms are exact in real arithmetic; in float32 F(2x2)'s rounding is
 that of the direct convolution (coefficients 0, +-1, +-1/2), F(4x4)'s about 10x larger
 (relative error ~2e-6 per layer). Differentiated (`jax.grad`), a convolution wide enough
-to pay in training runs F(2x2) forward and backward, a narrower one the direct
-convolution; the forward pass alone (inference) uses F(4x4) where it tiles the output
-without much waste. Only float32 is transformed: bfloat16 would lose too much.
+and on a map large enough to pay in training (`pays`) runs F(2x2) forward and backward,
+any other the direct convolution; the forward pass alone (inference) uses F(4x4) where
+it tiles the output without much waste. Only float32 is transformed: bfloat16 would lose too much.
 """
 
 import functools
@@ -85,6 +85,18 @@ TILE_SIZES = tuple(_MATRICES)
 # faster, while each transformed convolution adds about 1 s to the train step's compile
 # time (33 of them would take FCN-ResNet101's past 50 s).
 MIN_HARMONIC_CHANNELS = {'inference': 48, 'training': 192}
+# ... and once the input map has this many positions (height x width). Inference: small
+# maps leave too few tiles to amortise the transforms (batch 4: 512->512 at 16 x 16 0.72x;
+# at 20 x 20 even, 0.95-1.09x over four shapes; at 24 x 24 1.09-1.17x; at 32 x 32
+# 1.4-1.8x; batch 1, 3072->256 at 20 x 20 0.53x). Training is faster transformed even at
+# 10 x 10 (512->512: 42 -> 25 ms), but below 40 x 40 a layer saves under 40 ms while its
+# transform-domain temporaries cost memory at the worst moment: in a U-Net those maps are
+# the bottom of the U, whose backward pass runs while every skip activation and its
+# gradient are alive, the step's peak. Transforming them there raised U-Net-VGG16's XLA
+# buffers by 35 MiB (1088 -> 1123) and U-Net-ResNet50's by 76 MiB (1071 -> 1147), their
+# resident peaks by 70-110 MiB (U-Net-VGG16's above PyTorch's), for no step time that
+# measurements could tell apart (320 px, batch 4).
+MIN_MAP_POSITIONS = {'inference': 24 * 24, 'training': 40 * 40}
 # Transformed inputs larger than this are formed a slice of input channels at a time, so
 # that a wide layer's transform-domain temporaries (the FCN head's 2048 channels: 210 MB
 # in F(2x2) at 40 x 40, batch 4) never all live at once, beside a step's activations.
@@ -94,11 +106,14 @@ _MAX_TRANSFORMED_BYTES = 64 * 2**20
 _MAX_F4_TILE_WASTE = 1.15
 
 
-def pays(in_channels: int, out_channels: int, mode: str = 'inference') -> bool:
-    """Whether a 3x3 conv with these channel counts runs faster as Winograd's.
+def pays(
+    in_channels: int, out_channels: int, map_size: tuple[int, int], mode: str = 'inference'
+) -> bool:
+    """Whether a 3x3 conv of this shape runs better as Winograd's (see the thresholds).
 
     Args:
       in_channels, out_channels: the convolution's channel counts.
+      map_size: (height, width) of its input.
       mode: 'inference' (the forward pass alone) or 'training' (forward and backward).
 
     Raises:
@@ -107,7 +122,8 @@ def pays(in_channels: int, out_channels: int, mode: str = 'inference') -> bool:
     if mode not in MIN_HARMONIC_CHANNELS:
         raise ValueError(f'mode must be one of {sorted(MIN_HARMONIC_CHANNELS)}, got {mode!r}.')
     harmonic = MIN_HARMONIC_CHANNELS[mode]
-    return in_channels * out_channels >= harmonic * (in_channels + out_channels)
+    wide = in_channels * out_channels >= harmonic * (in_channels + out_channels)
+    return wide and map_size[0] * map_size[1] >= MIN_MAP_POSITIONS[mode]
 
 
 class _Geometry(NamedTuple):
@@ -307,8 +323,8 @@ def _direct(x, kernel, dilation, padding, precision) -> Array:
     )
 
 
-def _trains_by_winograd(kernel) -> bool:
-    return pays(kernel.shape[2], kernel.shape[3], 'training')
+def _trains_by_winograd(x, kernel) -> bool:
+    return pays(kernel.shape[2], kernel.shape[3], x.shape[1:3], 'training')
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -359,7 +375,7 @@ def _on_cpu(transformed, direct, *args):
 
 def _conv3x3_fwd(x, kernel, dilation, padding, precision):
     direct = functools.partial(_direct, **_static(dilation, padding, precision))
-    if not _trains_by_winograd(kernel):
+    if not _trains_by_winograd(x, kernel):
         return direct(x, kernel), (x, kernel)
 
     def transformed(x, kernel):
@@ -388,7 +404,7 @@ def _conv3x3_bwd(dilation, padding, precision, residuals, dy):
     def direct_vjp(x, kernel, dy):
         return jax.vjp(functools.partial(_direct, **static), x, kernel)[1](dy)
 
-    if not _trains_by_winograd(kernel):
+    if not _trains_by_winograd(x, kernel):
         return direct_vjp(x, kernel, dy)
     return _on_cpu(functools.partial(_transformed_vjp, **static), direct_vjp, x, kernel, dy)
 
