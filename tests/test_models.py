@@ -603,9 +603,9 @@ def test_classic_unet_valid_is_the_paper_network():
 
 def test_classic_unet_uses_he_normal_init():
     c = make_config('unet', width=1.0, num_classes=2, input_channels=1)
-    params = models.build_model(c).init(jax.random.key(0), jnp.ones((1, 16, 16, 1)), train=False)[
-        'params'
-    ]
+    # Jitted: eager init compiles once per parameter shape (25 s at full width).
+    init = jax.jit(functools.partial(models.build_model(c).init, train=False))
+    params = init(jax.random.key(0), jnp.ones((1, 16, 16, 1)))['params']
     kernel = np.asarray(params['down4']['conv2']['kernel'])  # fan_in 3 * 3 * 512.
     assert abs(kernel.std() - np.sqrt(2 / (9 * 512))) < 0.02 * np.sqrt(2 / (9 * 512))
     assert not np.asarray(params['down4']['conv2']['bias']).any()
@@ -667,10 +667,10 @@ def test_remat_changes_neither_names_nor_numbers(name, overrides):
 
         def loss(params, model=model, variables=variables):
             out = run(model, {**variables, 'params': params}, x, train=True)
-            return jnp.sum(out**2)
+            return jnp.sum(out**2), out
 
-        out = run(model, variables, x, train=True)
-        grads = jax.jit(jax.grad(loss))(variables['params'])
+        # One compilation gives both the output and the gradients.
+        (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables['params'])
         results.append((variables, out, grads))
     (v0, y0, g0), (v1, y1, g1) = results
     assert jax.tree_util.tree_structure(v0) == jax.tree_util.tree_structure(v1)
