@@ -24,7 +24,8 @@ that of the direct convolution (coefficients 0, +-1, +-1/2), F(4x4)'s about 10x 
 (relative error ~2e-6 per layer). Differentiated (`jax.grad`), a convolution wide enough
 and on a map large enough to pay in training (`pays`) runs F(2x2) forward and backward,
 any other the direct convolution; the forward pass alone (inference) uses F(4x4) where
-it tiles the output without much waste. Only float32 is transformed: bfloat16 would lose too much.
+it tiles the output without much waste. Only float32 is transformed: bfloat16 would lose
+too much.
 """
 
 import functools
@@ -88,14 +89,15 @@ MIN_HARMONIC_CHANNELS = {'inference': 48, 'training': 192}
 # ... and once the input map has this many positions (height x width). Inference: small
 # maps leave too few tiles to amortise the transforms (batch 4: 512->512 at 16 x 16 0.72x;
 # at 20 x 20 even, 0.95-1.09x over four shapes; at 24 x 24 1.09-1.17x; at 32 x 32
-# 1.4-1.8x; batch 1, 3072->256 at 20 x 20 0.53x). Training is faster transformed even at
-# 10 x 10 (512->512: 42 -> 25 ms), but below 40 x 40 a layer saves under 40 ms while its
-# transform-domain temporaries cost memory at the worst moment: in a U-Net those maps are
-# the bottom of the U, whose backward pass runs while every skip activation and its
-# gradient are alive, the step's peak. Transforming them there raised U-Net-VGG16's XLA
-# buffers by 35 MiB (1088 -> 1123) and U-Net-ResNet50's by 76 MiB (1071 -> 1147), their
-# resident peaks by 70-110 MiB (U-Net-VGG16's above PyTorch's), for no step time that
-# measurements could tell apart (320 px, batch 4).
+# 1.4-1.8x; batch 1, 3072->256 at 20 x 20 0.53x). Training is faster transformed even on
+# small maps (alone: 512->512 at 10 x 10 42 -> 25 ms, at 20 x 20 149 -> 118 ms; 3072->256
+# at 20 x 20 442 -> 322 ms), but there the transform-domain temporaries cost memory at the
+# worst moment: in a U-Net those maps are the bottom of the U, whose backward pass runs
+# while every skip activation and its gradient are alive, the step's peak. Transforming
+# them raised U-Net-VGG16's XLA buffers by 35 MiB (1088 -> 1123) and U-Net-ResNet50's by
+# 76 MiB (1071 -> 1147), their resident peaks by 70-130 MiB (U-Net-VGG16's above
+# PyTorch's), for step times that interleaved runs could not tell apart (U-Net-ResNet50:
+# 5.8-6.3 s transformed, 6.2-6.6 s direct; 320 px, batch 4).
 MIN_MAP_POSITIONS = {'inference': 24 * 24, 'training': 40 * 40}
 # Transformed inputs larger than this are formed a slice of input channels at a time, so
 # that a wide layer's transform-domain temporaries (the FCN head's 2048 channels: 210 MB
