@@ -349,6 +349,126 @@ def test_conv2d_gradients_equal_xla(kernel, strides, padding, dilation):
     )
 
 
+def test_stride1_kernel_gradient_is_taken_over_the_padded_input():
+    # XLA:CPU runs the kernel gradient of a convolution with its padding inside far slower
+    # than that of a VALID convolution of the padded input (`models/kernel_gradient.py`).
+    x = jax.ShapeDtypeStruct((1, 8, 8, 4), jnp.float32)
+    k = jax.ShapeDtypeStruct((3, 3, 4, 4), jnp.float32)
+
+    def kernel_grad(x, k):
+        conv = functools.partial(
+            convolutions.conv2d, strides=(1, 1), padding=((1, 1), (2, 0)), dilation=(1, 1)
+        )
+        return jax.grad(lambda k_: conv(x, k_).sum())(k)
+
+    convs = jaxpr_eqns(jax.make_jaxpr(kernel_grad)(x, k))
+    pads = jaxpr_eqns(jax.make_jaxpr(kernel_grad)(x, k), ('pad',))
+    # Forward, and the kernel gradient's convolution without padding of its own.
+    assert any(e.params['padding'] == ((0, 0), (0, 0)) for e in convs)
+    assert any(e.params['padding_config'][1:3] == ((1, 1, 0), (2, 0, 0)) for e in pads)
+
+
+@pytest.mark.parametrize('size', [(5, 4), (1, 1), (6, 7)])
+def test_conv3x3_of_upsampled_equals_the_conv_of_the_upsampled_input(size):
+    rng = np.random.default_rng(size[0])
+    x = jnp.asarray(rng.normal(size=(2, *size, 3)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(3, 3, 3, 5)), jnp.float32)
+
+    def reference(x, kernel):
+        return jax.lax.conv_general_dilated(
+            layers.upsample_nearest2x(x),
+            kernel,
+            (1, 1),
+            ((1, 1), (1, 1)),
+            dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+        )
+
+    want = reference(x, kernel)
+    got = convolutions.conv3x3_of_upsampled(x, kernel)
+    assert got.shape == want.shape == (2, 2 * size[0], 2 * size[1], 5)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    cotangent = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
+    for a, b in zip(
+        jax.vjp(convolutions.conv3x3_of_upsampled, x, kernel)[1](cotangent),
+        jax.vjp(reference, x, kernel)[1](cotangent),
+        strict=True,
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('skip_channels', [0, 4])
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_upsampled_concat_conv_equals_conv_of_the_concatenation(skip_channels, dtype):
+    rng = np.random.default_rng(skip_channels)
+    x = jnp.asarray(rng.normal(size=(2, 3, 5, 6)), jnp.float32)
+    skip = (
+        jnp.asarray(rng.normal(size=(2, 6, 10, skip_channels)), jnp.float32)
+        if skip_channels
+        else None
+    )
+
+    def merged(x, skip):
+        up = layers.upsample_nearest2x(x)
+        return up if skip is None else jnp.concatenate([up, skip], axis=-1)
+
+    kwargs = {'dtype': dtype, 'param_dtype': jnp.float32}
+    ref = convolutions.Conv(7, (3, 3), padding=((1, 1), (1, 1)), **kwargs)
+    ours = convolutions.UpsampledConcatConv(7, (3, 3), **kwargs)
+    variables = ref.init(jax.random.key(0), merged(x, skip))
+    # Same parameter names, shapes and initial values as the conv of the concatenation.
+    ours_variables = ours.init(jax.random.key(0), x, skip)
+    assert jax.tree_util.tree_map(jnp.shape, ours_variables) == jax.tree_util.tree_map(
+        jnp.shape, variables
+    )
+    np.testing.assert_array_equal(ours_variables['params']['kernel'], variables['params']['kernel'])
+    variables['params']['bias'] = jnp.arange(7.0)
+    tol = 3e-2 if dtype == jnp.bfloat16 else 1e-5
+
+    def loss_ref(v, x, skip):
+        return jnp.sum(jnp.sin(ref.apply(v, merged(x, skip)).astype(jnp.float32)))
+
+    def loss_ours(v, x, skip):
+        return jnp.sum(jnp.sin(ours.apply(v, x, skip).astype(jnp.float32)))
+
+    y_ref, y = ref.apply(variables, merged(x, skip)), ours.apply(variables, x, skip)
+    assert y.dtype == y_ref.dtype and y.shape == y_ref.shape
+    np.testing.assert_allclose(np.float32(y), np.float32(y_ref), rtol=tol, atol=tol)
+    g_ref = jax.grad(loss_ref, argnums=(0, 1, 2))(variables, x, skip)
+    g = jax.grad(loss_ours, argnums=(0, 1, 2))(variables, x, skip)
+    for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref), strict=True):
+        scale = max(1.0, float(jnp.abs(np.float32(b)).max()))
+        np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=tol, atol=tol * scale)
+
+
+def test_upsampled_concat_conv_rejects_a_skip_of_the_wrong_size():
+    conv = convolutions.UpsampledConcatConv(4, (3, 3))
+    with pytest.raises(ValueError, match=r'twice the height and width.*\(3, 5\).*\(6, 9\)'):
+        conv.init(jax.random.key(0), jnp.zeros((1, 3, 5, 2)), jnp.zeros((1, 6, 9, 2)))
+
+
+# With 'sum', the four blocks with a skip upsample; the last (no skip at stride 1) does not.
+@pytest.mark.parametrize(('merge', 'upsampled'), [('concat', 0), ('none', 0), ('sum', 4)])
+def test_encoder_unet_decoder_convolves_the_upsampled_input_at_its_own_size(merge, upsampled):
+    # The first conv of each decoder block reads the block's input before upsampling:
+    # neither the x2 nearest-upsampled tensor nor its concatenation with the skip exists
+    # ('sum' adds the projected skip to the upsampled tensor, which then must exist).
+    skips = () if merge == 'none' else unet.ENCODER_SKIP_STRIDES
+    config = make_config('unet_resnet50', merge=merge, skip_strides=skips)
+    model = models.build_model(config)
+    shape = (1, 64, 64, 3)
+    variables = abstract_init(model, shape)
+    images = jax.ShapeDtypeStruct(shape, jnp.float32)
+    jaxpr = jax.make_jaxpr(functools.partial(model.apply, train=False))(variables, images)
+    assert not jaxpr_eqns(jaxpr, ('concatenate',))
+    # `upsample_nearest2x` repeats each row twice: a broadcast to [N, H, 2, W, C].
+    row_repeats = [
+        e
+        for e in jaxpr_eqns(jaxpr, ('broadcast_in_dim',))
+        if e.params['broadcast_dimensions'] == (0, 1, 3, 4) and e.params['shape'][2] == 2
+    ]
+    assert len(row_repeats) == upsampled
+
+
 def _gradient_jaxpr(conv, x_shape):
     """The jaxpr of the gradient of `conv`'s output sum (parameters and input)."""
     x = jax.ShapeDtypeStruct(x_shape, jnp.float32)

@@ -293,7 +293,12 @@ class UNet(nn.Module):
 
 
 class _DecoderBlock(nn.Module):
-    """smp `UnetDecoderBlock`: nearest x2, merge skip, two conv3x3-BN-ReLU."""
+    """smp `UnetDecoderBlock`: nearest x2, merge skip, two conv3x3-BN-ReLU.
+
+    Except with `merge='sum'`, the first conv reads the block's input before upsampling
+    (`convolutions.UpsampledConcatConv`): neither the upsampled tensor nor the
+    concatenation is formed, with the same parameters and function.
+    """
 
     features: int
     merge: str
@@ -302,9 +307,12 @@ class _DecoderBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, skip: Array | None, train: bool) -> Array:
-        if self.upsample:
+        # The first conv of the upsampled (and concatenated) input runs at the input's
+        # resolution; with 'sum' the upsampled and projected skip are added first.
+        merged_in_conv = self.upsample and (skip is None or self.merge != 'sum')
+        if self.upsample and not merged_in_conv:
             x = layers.upsample_nearest2x(x)
-        if skip is not None:
+        if skip is not None and not merged_in_conv:
             if self.merge == 'sum':
                 skip = convolutions.Conv(
                     x.shape[-1],
@@ -318,15 +326,18 @@ class _DecoderBlock(nn.Module):
             else:
                 x = jnp.concatenate([x, skip.astype(x.dtype)], axis=-1)
         for i in (1, 2):
-            x = convolutions.Conv(
-                self.features,
-                (3, 3),
-                padding=((1, 1), (1, 1)),
-                use_bias=False,  # smp's Conv2dReLU drops the bias before BN.
-                dtype=self.dtype,
-                param_dtype=jnp.float32,
-                name=f'conv{i}',
-            )(x)
+            conv_options = {
+                'use_bias': False,  # smp's Conv2dReLU drops the bias before BN.
+                'dtype': self.dtype,
+                'param_dtype': jnp.float32,
+                'name': f'conv{i}',
+            }
+            if i == 1 and merged_in_conv:
+                x = convolutions.UpsampledConcatConv(self.features, (3, 3), **conv_options)(x, skip)
+            else:
+                x = convolutions.Conv(
+                    self.features, (3, 3), padding=((1, 1), (1, 1)), **conv_options
+                )(x)
             x = nn.BatchNorm(
                 use_running_average=not train,
                 momentum=0.9,

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fcn_unet_jax.models import recompute
+from fcn_unet_jax.models import kernel_gradient, recompute
 
 Array = jax.Array
 
@@ -341,7 +341,8 @@ def conv3x3(x: Array, kernel: Array, dilation, padding, precision=None) -> Array
     that pays in training (`pays(..., 'training')`): the kernel gradient is one product
     per transform point of the transformed input and the transformed output gradient,
     the input gradient the adjoint transforms of that gradient times the transformed
-    kernel; elsewhere it differentiates the direct convolution.
+    kernel; elsewhere it differentiates the direct convolution (its kernel gradient over
+    the padded input, `kernel_gradient.kernel_grad`).
 
     Args:
       x: NHWC float32 input.
@@ -404,7 +405,8 @@ def _conv3x3_bwd(dilation, padding, precision, residuals, dy):
     static = _static(dilation, padding, precision)
 
     def direct_vjp(x, kernel, dy):
-        return jax.vjp(functools.partial(_direct, **static), x, kernel)[1](dy)
+        dx = jax.vjp(lambda x_: _direct(x_, kernel, **static), x)[1](dy)[0]
+        return dx, kernel_gradient.kernel_grad(x, kernel, dy, padding, dilation, precision)
 
     if not _trains_by_winograd(x, kernel):
         return direct_vjp(x, kernel, dy)
