@@ -11,10 +11,16 @@ on random float32 inputs:
   `winograd.pays(..., 'training')`, the direct gradient elsewhere, exactly as the
   models use it.
 
-    python -m benchmarks.conv_benchmark [--batch_size=4] [--repeats=3]
+    python -m benchmarks.conv_benchmark [--batch_size=4] [--repeats=3] [--table=decoder ...]
 
 Prints a Markdown table with the speed-up of each and whether `winograd.pays` takes the
-transformed form for inference and for training.
+transformed form for inference and for training. Two more tables follow:
+
+* the kernel gradient of padded stride-1 3x3 convolutions as XLA forms it (padding inside
+  the convolution) and over the padded input (`kernel_gradient.kernel_grad`);
+* the first conv of the smp-style U-Net decoder blocks (U-Net-ResNet50 at 320 px): the
+  3x3 conv of `concat([upsample_nearest2x(x), skip])` (`convolutions.Conv`) against
+  `convolutions.UpsampledConcatConv`, forward and forward with both gradients.
 """
 
 import time
@@ -28,6 +34,8 @@ from fcn_unet_jax import xla_options
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('batch_size', 4, 'Batch size.')
 flags.DEFINE_integer('repeats', 3, 'Timed runs per measurement (the best is reported).')
+TABLES = ('winograd', 'kernel_gradient', 'decoder')
+flags.DEFINE_multi_enum('table', list(TABLES), TABLES, 'Tables to measure (default: all).')
 
 # (where it occurs, map side, in channels, out channels, dilation) at 320 px input.
 LAYERS = [
@@ -50,6 +58,17 @@ LAYERS = [
     ('map size', 32, 512, 512, 1),
     ('map size', 24, 3072, 256, 1),
 ]
+# (map side, in channels, out channels) of direct stride-1 3x3 kernel gradients.
+KERNEL_GRADIENT_LAYERS = [(80, 64, 64), (40, 128, 128), (80, 256, 64), (40, 512, 128)]
+# U-Net-ResNet50's decoder blocks at 320 px: (input map side, input channels, skip
+# channels, output channels); the input is upsampled x2 and concatenated with the skip.
+DECODER_LAYERS = [
+    (10, 2048, 1024, 256),
+    (20, 256, 512, 128),
+    (40, 128, 256, 64),
+    (80, 64, 64, 32),
+    (160, 32, 0, 16),
+]
 
 
 def _measure(fn: Callable, *args) -> tuple[float, float]:
@@ -70,12 +89,21 @@ def _measure(fn: Callable, *args) -> tuple[float, float]:
 
 def main(argv):
     del argv
+    rng = np.random.default_rng(0)
+    if 'winograd' in FLAGS.table:
+        _winograd_table(rng)
+    if 'kernel_gradient' in FLAGS.table:
+        _kernel_gradient_table(rng)
+    if 'decoder' in FLAGS.table:
+        _decoder_table(rng)
+
+
+def _winograd_table(rng) -> None:
     import jax
     import jax.numpy as jnp
 
     from fcn_unet_jax.models import winograd
 
-    rng = np.random.default_rng(0)
     print(
         '| layer | map | channels | dilation | direct fwd / train ms | Winograd fwd / train ms '
         '| speed-up fwd / train | compile s direct / Winograd (train) | transformed '
@@ -118,6 +146,91 @@ def main(argv):
             f'| {df / wf:.2f} / {dt / wt:.2f} | {dc:.1f} / {wc:.1f} '
             f'| {winograd.pays(c_in, c_out, shape[1:3])} '
             f'/ {winograd.pays(c_in, c_out, shape[1:3], "training")} |',
+            flush=True,
+        )
+
+
+def _kernel_gradient_table(rng) -> None:
+    import jax
+    import jax.numpy as jnp
+
+    from fcn_unet_jax.models import kernel_gradient
+
+    print('\n| 3x3 kernel gradient | map | channels | padding inside ms | padded input ms |')
+    print('| --- | --- | --- | --- | --- |')
+    padding = ((1, 1), (1, 1))
+    for side, c_in, c_out in KERNEL_GRADIENT_LAYERS:
+        x = jnp.asarray(rng.normal(size=(FLAGS.batch_size, side, side, c_in)), jnp.float32)
+        dy = jnp.asarray(rng.normal(size=(*x.shape[:3], c_out)), jnp.float32)
+        kernel = jnp.zeros((3, 3, c_in, c_out), jnp.float32)
+
+        def inside(x, dy, kernel=kernel):
+            def conv(k):
+                dims = ('NHWC', 'HWIO', 'NHWC')
+                return jax.lax.conv_general_dilated(x, k, (1, 1), padding, dimension_numbers=dims)
+
+            return jax.vjp(conv, kernel)[1](dy)[0]
+
+        def padded(x, dy, kernel=kernel):
+            return kernel_gradient.kernel_grad(x, kernel, dy, padding, (1, 1))
+
+        inside_s, _ = _measure(inside, x, dy)
+        padded_s, _ = _measure(padded, x, dy)
+        print(
+            f'| | {side} x {side} | {c_in} -> {c_out} | {1e3 * inside_s:.0f} '
+            f'| {1e3 * padded_s:.0f} |',
+            flush=True,
+        )
+
+
+def _decoder_table(rng) -> None:
+    import jax
+    import jax.numpy as jnp
+
+    from fcn_unet_jax.models import convolutions, layers
+
+    print(
+        '\n| decoder conv1 | input map | channels (input + skip -> out) '
+        '| conv of the concatenation fwd / train ms | UpsampledConcatConv fwd / train ms |'
+    )
+    print('| --- | --- | --- | --- | --- |')
+    for side, c_in, c_skip, c_out in DECODER_LAYERS:
+        n = FLAGS.batch_size
+        x = jnp.asarray(rng.normal(size=(n, side, side, c_in)), jnp.float32)
+        skip = jnp.asarray(rng.normal(size=(n, 2 * side, 2 * side, c_skip)), jnp.float32)
+        dy = jnp.asarray(rng.normal(size=(n, 2 * side, 2 * side, c_out)), jnp.float32)
+        concat_conv = convolutions.Conv(c_out, (3, 3), padding=((1, 1), (1, 1)), use_bias=False)
+        split_conv = convolutions.UpsampledConcatConv(c_out, (3, 3), use_bias=False)
+        skip_or_none = skip if c_skip else None
+
+        def merged(x, skip, c_skip=c_skip):
+            up = layers.upsample_nearest2x(x)
+            return jnp.concatenate([up, skip], axis=-1) if c_skip else up
+
+        params = split_conv.init(jax.random.key(0), x, skip_or_none)
+
+        def concatenated(params, x, skip, concat_conv=concat_conv, merged=merged):
+            return concat_conv.apply(params, merged(x, skip))
+
+        def split(params, x, skip, split_conv=split_conv, skip_or_none=skip_or_none):
+            return split_conv.apply(params, x, skip_or_none)
+
+        times = []
+        for forward in (concatenated, split):
+
+            def train(params, x, skip, dy, forward=forward):
+                def loss(params, x, skip):
+                    return jnp.vdot(forward(params, x, skip), dy)
+
+                return jax.grad(loss, argnums=(0, 1, 2))(params, x, skip)
+
+            times.append(
+                (_measure(forward, params, x, skip)[0], _measure(train, params, x, skip, dy)[0])
+            )
+        (cf, ct), (sf, st) = times
+        print(
+            f'| | {side} x {side} | {c_in} + {c_skip} -> {c_out} '
+            f'| {1e3 * cf:.0f} / {1e3 * ct:.0f} | {1e3 * sf:.0f} / {1e3 * st:.0f} |',
             flush=True,
         )
 

@@ -460,9 +460,9 @@ class UpsampledConcatConv(Conv):
     the concatenation. The convolution is split along the input channels: the upsampled
     part by `conv3x3_of_upsampled` at x's resolution, the skip (if any) by `Conv`'s own
     path; their sum is the convolution of the concatenation. Measured on 2 cores, batch 4,
-    U-Net-ResNet50's decoder at 320 px (forward and both gradients): 10 x 10 2048 + 1024
-    channels -> 256, 604 -> 525 ms; 80 x 80 64 + 64 -> 32, 363 -> 195 ms; 160 x 160 32 -> 16,
-    247 -> 94 ms.
+    U-Net-ResNet50's decoder at 320 px, forward and both gradients
+    (`benchmarks/conv_benchmark.py`): 10 x 10 2048 + 1024 channels -> 256, 405 -> 295 ms;
+    40 x 40 128 + 256 -> 64, 274 -> 140 ms; 160 x 160 32 -> 16, 221 -> 79 ms.
 
     Only `features`, `use_bias`, the initialisers, dtypes and `precision` are used: the
     kernel size, strides and padding are fixed by what the layer computes.
