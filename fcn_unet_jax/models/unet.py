@@ -295,9 +295,10 @@ class UNet(nn.Module):
 class _DecoderBlock(nn.Module):
     """smp `UnetDecoderBlock`: nearest x2, merge skip, two conv3x3-BN-ReLU.
 
-    Except with `merge='sum'`, the first conv reads the block's input before upsampling
-    (`convolutions.UpsampledConcatConv`): neither the upsampled tensor nor the
-    concatenation is formed, with the same parameters and function.
+    Unless a skip is added to the upsampled tensor (`merge='sum'`), the first conv reads
+    the block's input before upsampling (`convolutions.UpsampledConcatConv`): neither the
+    upsampled tensor nor the concatenation is formed, with the same parameters and
+    function.
     """
 
     features: int
