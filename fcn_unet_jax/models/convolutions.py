@@ -108,9 +108,8 @@ def conv3x3_of_upsampled(x: Array, kernel: Array, precision=None) -> Array:
       [N, 2 H, 2 W, O].
     """
     h, w = x.shape[1:3]
-    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
     taps = _upsampled_phase_taps(kernel).astype(x.dtype)
-    y = conv2d(padded, taps, (1, 1), ((0, 0), (0, 0)), (1, 1), precision)
+    y = conv2d(x, taps, (1, 1), ((1, 1), (1, 1)), (1, 1), precision)
     # Block (a, b) at window s is output (2 s - 1 + a): drop the first and last row/column.
     return depth_to_space(y, 2)[:, 1 : 2 * h + 1, 1 : 2 * w + 1]
 
@@ -461,8 +460,8 @@ class UpsampledConcatConv(Conv):
     part by `conv3x3_of_upsampled` at x's resolution, the skip (if any) by `Conv`'s own
     path; their sum is the convolution of the concatenation. Measured on 2 cores, batch 4,
     U-Net-ResNet50's decoder at 320 px, forward and both gradients
-    (`benchmarks/conv_benchmark.py`): 10 x 10 2048 + 1024 channels -> 256, 405 -> 295 ms;
-    40 x 40 128 + 256 -> 64, 274 -> 140 ms; 160 x 160 32 -> 16, 221 -> 79 ms.
+    (`benchmarks/conv_benchmark.py`): 10 x 10 2048 + 1024 channels -> 256, 369 -> 250 ms;
+    40 x 40 128 + 256 -> 64, 244 -> 97 ms; 160 x 160 32 -> 16, 239 -> 69 ms.
 
     Only `features`, `use_bias`, the initialisers, dtypes and `precision` are used: the
     kernel size, strides and padding are fixed by what the layer computes.
