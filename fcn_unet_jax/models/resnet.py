@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fcn_unet_jax.models import convolutions, layers, pooling
+from fcn_unet_jax.models import convolutions, fusion_barrier, layers, pooling
 
 Array = jax.Array
 
@@ -83,7 +83,10 @@ class _Bottleneck(nn.Module):
             x = bn('downsample_bn')(
                 conv(self.planes * EXPANSION, 1, self.stride, 1, 'downsample_conv')(x)
             )
-        return nn.relu(out + x)
+        # The block output feeds the next block's matrix products and residual sum, the
+        # decoder's skip convolutions and the backward pass's transposed copies; computed
+        # once, each reads it instead of recomputing the stage's residual chain.
+        return fusion_barrier.materialize(nn.relu(out + x))
 
 
 class ResNet(nn.Module):
