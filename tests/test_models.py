@@ -5,6 +5,7 @@ parameter counts use `jax.eval_shape`, which allocates nothing.
 """
 
 import functools
+import math
 
 import flax
 import jax
@@ -488,6 +489,33 @@ def test_strided_conv_takes_the_phasewise_input_gradient(strides):
     assert 'platform_index' in strided
     phases = strides[0] * strides[1]
     assert strided.count('conv_general_dilated[') == plain.count('conv_general_dilated[') + phases
+
+
+@pytest.mark.parametrize('features', [3, 8])
+def test_pointwise_kernel_gradient_on_large_maps_is_a_product_per_image(features):
+    # At MIN_PIXELS_PER_IMAGE_BATCHED pixels per image the kernel gradient takes the
+    # per-image path; it must equal flax's, and be the batched product.
+    side = math.isqrt(convolutions.MIN_PIXELS_PER_IMAGE_BATCHED)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(3, side, side, 5)), jnp.float32)
+    ref, ours = nn_conv({}, features), convolutions.Conv(features, (1, 1))
+    variables = ref.init(jax.random.key(0), x)
+
+    def loss(module, v):
+        return jnp.sum(jnp.sin(module.apply(v, x)))
+
+    g_ref = jax.grad(functools.partial(loss, ref))(variables)
+    g = jax.grad(functools.partial(loss, ours))(variables)
+    np.testing.assert_allclose(
+        g['params']['kernel'], g_ref['params']['kernel'], rtol=1e-4, atol=1e-4
+    )
+    np.testing.assert_allclose(g['params']['bias'], g_ref['params']['bias'], rtol=1e-5)
+    jaxpr = jax.make_jaxpr(jax.grad(functools.partial(loss, ours)))(variables)
+    batched = [
+        e
+        for e in jaxpr_eqns(jaxpr, ('dot_general',))
+        if e.params['dimension_numbers'] == (((1,), (1,)), ((0,), (0,)))
+    ]
+    assert len(batched) == 1 and batched[0].outvars[0].aval.shape == (3, 5, features)
 
 
 def nn_conv(kwargs, features=3):
