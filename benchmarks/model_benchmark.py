@@ -318,8 +318,8 @@ def worker_environment(kind: str, huge_pages: bool) -> dict[str, str]:
     """The environment of a `kind` ('jax' / 'torch') worker: ours, plus huge pages if asked.
 
     Each step's XLA buffers are fresh allocations, so on 4 KiB pages a U-Net-ResNet50 train
-    step takes about 250,000 page faults; with glibc's huge-page tunable about 2,000. Only
-    the JAX workers get it: it slows PyTorch's steps (13-25% measured).
+    step takes about 250,000 page faults; with glibc's huge-page tunable 2,000-3,400. Only
+    the JAX workers get it: it slowed PyTorch's steps by 13-25% on our Xeon CI host.
     """
     env = dict(os.environ)
     if huge_pages and kind == 'jax':
