@@ -115,12 +115,18 @@ def _torch_model(name: str, num_classes: int):
     return smp.Unet(encoder, encoder_weights=None, classes=num_classes)
 
 
-class _PeakRss:
-    """Samples the process's resident memory in a thread; `peak` is the maximum seen."""
+class _MemoryWatch:
+    """The process's memory over a `with` block.
+
+    `peak`: the most resident bytes seen (sampled in a thread); `page_faults`: the minor
+    page faults taken in the block (fresh pages mapped on first touch).
+    """
 
     def __init__(self, interval_s: float = 0.002):
         self.interval_s = interval_s
         self.peak = _rss_bytes()
+        self.page_faults = 0
+        self._faults_before = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -130,6 +136,7 @@ class _PeakRss:
             time.sleep(self.interval_s)
 
     def __enter__(self):
+        self._faults_before = _minor_page_faults()
         self._thread.start()
         return self
 
@@ -137,6 +144,7 @@ class _PeakRss:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, _rss_bytes())
+        self.page_faults = _minor_page_faults() - self._faults_before
 
 
 def _release_free_memory() -> None:
@@ -227,10 +235,8 @@ def _jax_worker(name: str) -> dict[str, Any]:
         holder['state'], summary = compiled_step(holder['state'], batch, rng)
         jax.block_until_ready(summary)
 
-    faults_before = _minor_page_faults()
-    with _PeakRss() as rss:
+    with _MemoryWatch() as memory_watch:
         train_times = _time_steps(run_train_step, FLAGS.steps)
-    train_faults = (_minor_page_faults() - faults_before) / (FLAGS.steps + 1)
 
     variables = holder['state'].variables()
     forward = jax.jit(lambda v, x: jnp.asarray(train._main_logits(model.apply(v, x, train=False))))
@@ -254,8 +260,9 @@ def _jax_worker(name: str) -> dict[str, Any]:
         # count of the train step, which depends on how the gradients are rewritten.
         'train_flops': 3 * model_flops,
         'infer_flops': model_flops,
-        'train_mib': (rss.peak - base_rss) / 2**20,
-        'train_page_faults': train_faults,
+        'train_mib': (memory_watch.peak - base_rss) / 2**20,
+        # Over the warm-up and the timed steps.
+        'train_page_faults': memory_watch.page_faults / (FLAGS.steps + 1),
         'xla_mib': None if xla_bytes is None else xla_bytes / 2**20,
         'device': jax.devices()[0].device_kind,
     }
@@ -288,10 +295,8 @@ def _torch_worker(name: str) -> dict[str, Any]:
 
     model.train()
     _release_free_memory()
-    faults_before = _minor_page_faults()
-    with _PeakRss() as rss:
+    with _MemoryWatch() as memory_watch:
         train_times = _time_steps(run_train_step, FLAGS.steps)
-    train_faults = (_minor_page_faults() - faults_before) / (FLAGS.steps + 1)
 
     model.eval()
     model = model.to(memory_format=torch.channels_last)
@@ -307,8 +312,9 @@ def _torch_worker(name: str) -> dict[str, Any]:
         'params': sum(p.numel() for p in model.parameters()),
         'train_s': statistics.median(train_times),
         'infer_s': statistics.median(infer_times),
-        'train_mib': (rss.peak - base_rss) / 2**20,
-        'train_page_faults': train_faults,
+        'train_mib': (memory_watch.peak - base_rss) / 2**20,
+        # Over the warm-up and the timed steps.
+        'train_page_faults': memory_watch.page_faults / (FLAGS.steps + 1),
         'threads': torch.get_num_threads(),
         'torch': torch.__version__,
     }
@@ -324,7 +330,8 @@ def worker_environment(kind: str, huge_pages: bool) -> dict[str, str]:
     env = dict(os.environ)
     if huge_pages and kind == 'jax':
         tunables = [t for t in env.get('GLIBC_TUNABLES', '').split(':') if t]
-        if not any(t.startswith('glibc.malloc.hugetlb=') for t in tunables):
+        name = HUGE_PAGES_TUNABLE.split('=')[0]
+        if not any(t.split('=')[0] == name for t in tunables):
             tunables.append(HUGE_PAGES_TUNABLE)  # A value the user set is kept.
         env['GLIBC_TUNABLES'] = ':'.join(tunables)
     return env
