@@ -17,7 +17,9 @@ Prints a Markdown table with the speed-up of each and whether `winograd.pays` ta
 transformed form for inference and for training. Two more tables follow:
 
 * the kernel gradient of padded stride-1 3x3 convolutions as XLA forms it (padding inside
-  the convolution) and over the padded input (`kernel_gradient.kernel_grad`);
+  the convolution), over the padded input, and as the convolution of the output gradient
+  with the padded input as its window (`kernel_gradient.py`; `kernel_grad` takes the
+  latter on CPU where the last column says so);
 * the first conv of the smp-style U-Net decoder blocks (U-Net-ResNet50 at 320 px): the
   3x3 conv of `concat([upsample_nearest2x(x), skip])` (`convolutions.Conv`) against
   `convolutions.UpsampledConcatConv`, forward and forward with both gradients.
@@ -59,7 +61,14 @@ LAYERS = [
     ('map size', 24, 3072, 256, 1),
 ]
 # (map side, in channels, out channels) of direct stride-1 3x3 kernel gradients.
-KERNEL_GRADIENT_LAYERS = [(80, 64, 64), (40, 128, 128), (80, 256, 64), (40, 512, 128)]
+KERNEL_GRADIENT_LAYERS = [
+    (80, 64, 64),
+    (40, 128, 128),
+    (80, 256, 64),
+    (40, 512, 128),
+    (160, 64, 32),
+    (40, 1024, 256),
+]
 # U-Net-ResNet50's decoder blocks at 320 px: (input map side, input channels, skip
 # channels, output channels); the input is upsampled x2 and concatenated with the skip.
 DECODER_LAYERS = [
@@ -156,8 +165,11 @@ def _kernel_gradient_table(rng) -> None:
 
     from fcn_unet_jax.models import kernel_gradient
 
-    print('\n| 3x3 kernel gradient | map | channels | padding inside ms | padded input ms |')
-    print('| --- | --- | --- | --- | --- |')
+    print(
+        '\n| 3x3 kernel gradient | map | channels | padding inside ms | padded input ms '
+        '| over the output gradient ms | taken |'
+    )
+    print('| --- | --- | --- | --- | --- | --- | --- |')
     padding = ((1, 1), (1, 1))
     for side, c_in, c_out in KERNEL_GRADIENT_LAYERS:
         x = jnp.asarray(rng.normal(size=(FLAGS.batch_size, side, side, c_in)), jnp.float32)
@@ -172,13 +184,19 @@ def _kernel_gradient_table(rng) -> None:
             return jax.vjp(conv, kernel)[1](dy)[0]
 
         def padded(x, dy, kernel=kernel):
-            return kernel_gradient.kernel_grad(x, kernel, dy, padding, (1, 1))
+            return kernel_gradient.kernel_grad_over_input(x, kernel, dy, padding, (1, 1))
+
+        def swapped(x, dy, kernel=kernel):
+            return kernel_gradient.kernel_grad_over_output_gradient(x, kernel, dy, padding, (1, 1))
 
         inside_s, _ = _measure(inside, x, dy)
         padded_s, _ = _measure(padded, x, dy)
+        swapped_s, _ = _measure(swapped, x, dy)
+        taken = kernel_gradient.transposes_output_gradient(kernel.shape, dy.shape)
         print(
             f'| | {side} x {side} | {c_in} -> {c_out} | {1e3 * inside_s:.0f} '
-            f'| {1e3 * padded_s:.0f} |',
+            f'| {1e3 * padded_s:.0f} | {1e3 * swapped_s:.0f} '
+            f'| {"over dy" if taken else "padded input"} |',
             flush=True,
         )
 

@@ -16,7 +16,7 @@ import pytest
 
 from configs import default
 from fcn_unet_jax import models
-from fcn_unet_jax.models import convolutions, fcn, layers, unet
+from fcn_unet_jax.models import convolutions, fcn, kernel_gradient, layers, unet
 from fcn_unet_jax.models.resnet import ResNet
 
 TINY = 1 / 16
@@ -367,6 +367,85 @@ def test_stride1_kernel_gradient_is_taken_over_the_padded_input():
     # Forward, and the kernel gradient's convolution without padding of its own.
     assert any(e.params['padding'] == ((0, 0), (0, 0)) for e in convs)
     assert any(e.params['padding_config'][1:3] == ((1, 1, 0), (2, 0, 0)) for e in pads)
+
+
+@pytest.mark.parametrize(
+    ('kernel', 'padding', 'dilation', 'dtype'),
+    [
+        (3, ((1, 1), (1, 1)), (1, 1), jnp.float32),
+        (3, ((2, 2), (2, 2)), (2, 2), jnp.float32),  # Dilated: taps at stride 2.
+        (2, ((1, 1), (1, 1)), (1, 1), jnp.float32),  # The decoder's 2x2 phase conv.
+        (3, ((1, 2), (0, 1)), (1, 3), jnp.float32),  # Asymmetric padding and dilation.
+        (3, ((1, 1), (1, 1)), (1, 1), jnp.bfloat16),
+    ],
+)
+def test_kernel_gradient_over_the_output_gradient_equals_xla(kernel, padding, dilation, dtype):
+    rng = np.random.default_rng(kernel)
+    x = jnp.asarray(rng.normal(size=(3, 12, 10, 6)), dtype)
+    k = jnp.asarray(rng.normal(size=(kernel, kernel, 6, 5)), dtype)
+
+    def conv(k_):
+        dims = ('NHWC', 'HWIO', 'NHWC')
+        return jax.lax.conv_general_dilated(
+            x, k_, (1, 1), padding, rhs_dilation=dilation, dimension_numbers=dims
+        )
+
+    y, vjp = jax.vjp(conv, k)
+    dy = jnp.asarray(rng.normal(size=y.shape), dtype)
+    want = vjp(dy)[0]
+    got = kernel_gradient.kernel_grad_over_output_gradient(x, k, dy, padding, dilation)
+    assert got.shape == k.shape and got.dtype == dtype
+    tol = 1e-4 if dtype == jnp.float32 else 0.2
+    np.testing.assert_allclose(np.float32(got), np.float32(want), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize(
+    ('channels', 'side', 'swapped'),
+    [
+        ((256, 64), 80, True),  # U-Net-ResNet50's 80 x 80 skip conv.
+        ((64, 32), 160, True),
+        ((1024, 256), 20, False),  # Too many output channels: the convolution dominates.
+        ((96, 64), 80, False),  # Narrows by less than half.
+        ((64, 64), 80, False),
+        ((512, 128), 10, False),  # Map too small.
+    ],
+)
+def test_narrowing_convs_copy_the_output_gradient_for_their_kernel_gradient(
+    channels, side, swapped
+):
+    # On CPU, the kernel gradient of a conv that narrows its channels is the convolution
+    # of dy over the padded input (`kernel_gradient.py`): dy, not x, is copied images-minor.
+    c_in, c_out = channels
+    x = jax.ShapeDtypeStruct((2, side, side, c_in), jnp.float32)
+    k = jax.ShapeDtypeStruct((3, 3, c_in, c_out), jnp.float32)
+    conv = functools.partial(
+        convolutions.conv2d, strides=(1, 1), padding=((1, 1), (1, 1)), dilation=(1, 1)
+    )
+    hlo = jax.jit(jax.grad(lambda x, k: conv(x, k).sum(), argnums=1)).lower(x, k).as_text()
+    assert ('[f, 0, 1, b]x[i, 0, 1, o]->[b, 0, 1, f]' in hlo) == swapped
+    assert kernel_gradient.transposes_output_gradient(k.shape, x.shape) == swapped
+
+
+def test_narrowing_conv_gradients_equal_xla():
+    # Through `conv2d` on CPU, where the swapped kernel gradient is taken.
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 20, 20, 16)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(3, 3, 16, 4)), jnp.float32)
+    padding = ((1, 1), (1, 1))
+    assert kernel_gradient.transposes_output_gradient(k.shape, x.shape)
+
+    def reference(x, k):
+        dims = ('NHWC', 'HWIO', 'NHWC')
+        return jax.lax.conv_general_dilated(x, k, (1, 1), padding, dimension_numbers=dims)
+
+    def ours(x, k):
+        return convolutions.conv2d(x, k, (1, 1), padding, (1, 1))
+
+    dy = jnp.asarray(rng.normal(size=reference(x, k).shape), jnp.float32)
+    got = jax.vjp(ours, x, k)[1](dy)
+    want = jax.vjp(reference, x, k)[1](dy)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize('size', [(5, 4), (1, 1), (6, 7)])
