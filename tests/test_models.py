@@ -309,21 +309,28 @@ def test_pointwise_conv_equals_nn_conv_forward_and_backward(kwargs, features):
 
 
 @pytest.mark.parametrize(
-    ('kernel', 'strides', 'padding', 'dilation'),
+    ('kernel', 'strides', 'padding', 'dilation', 'size', 'channels'),
     [
-        (3, (1, 1), ((1, 1), (1, 1)), (1, 1)),
-        (3, (2, 2), ((1, 1), (1, 1)), (1, 1)),  # Strided, odd input: a row is dropped.
-        (3, (1, 1), ((2, 2), (2, 2)), (2, 2)),  # Dilated, as in the FCN-ResNet layer3/4.
-        (7, (2, 2), ((3, 3), (3, 3)), (1, 1)),  # The ResNet stem.
-        (2, (1, 2), ((0, 1), (1, 0)), (1, 1)),  # Asymmetric everything.
-        (3, (3, 3), ((2, 1), (0, 2)), (2, 2)),  # Stride and dilation sharing no factor.
-        (2, (3, 2), ((0, 0), (1, 1)), (1, 1)),  # Kernel smaller than the stride: empty phases.
+        (3, (1, 1), ((1, 1), (1, 1)), (1, 1), (11, 9), (3, 4)),
+        # Strided, odd input: a row is dropped.
+        (3, (2, 2), ((1, 1), (1, 1)), (1, 1), (11, 9), (3, 4)),
+        # Dilated, as in the FCN-ResNet layer3/4.
+        (3, (1, 1), ((2, 2), (2, 2)), (2, 2), (11, 9), (3, 4)),
+        (7, (2, 2), ((3, 3), (3, 3)), (1, 1), (11, 9), (3, 4)),  # The ResNet stem.
+        (2, (1, 2), ((0, 1), (1, 0)), (1, 1), (11, 9), (3, 4)),  # Asymmetric everything.
+        # Stride and dilation sharing no factor.
+        (3, (3, 3), ((2, 1), (0, 2)), (2, 2), (11, 9), (3, 4)),
+        # Kernel smaller than the stride: empty phases.
+        (2, (3, 2), ((0, 0), (1, 1)), (1, 1), (11, 9), (3, 4)),
+        # Narrowing, on a map large enough: the CPU's swapped kernel gradient.
+        (3, (1, 1), ((1, 1), (1, 1)), (1, 1), (20, 20), (16, 4)),
     ],
 )
-def test_conv2d_gradients_equal_xla(kernel, strides, padding, dilation):
+def test_conv2d_gradients_equal_xla(kernel, strides, padding, dilation, size, channels):
     rng = np.random.default_rng(kernel)
-    x = jnp.asarray(rng.normal(size=(2, 11, 9, 3)), jnp.float32)
-    k = jnp.asarray(rng.normal(size=(kernel, kernel, 3, 4)), jnp.float32)
+    c_in, c_out = channels
+    x = jnp.asarray(rng.normal(size=(2, *size, c_in)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(kernel, kernel, c_in, c_out)), jnp.float32)
 
     def reference(x, k):
         dims = ('NHWC', 'HWIO', 'NHWC')
@@ -408,6 +415,7 @@ def test_kernel_gradient_over_the_output_gradient_equals_xla(kernel, padding, di
         ((96, 64), 80, False),  # Narrows by less than half.
         ((64, 64), 80, False),
         ((512, 128), 10, False),  # Map too small.
+        ((16, 4), 20, True),  # The narrowing case of `test_conv2d_gradients_equal_xla`.
     ],
 )
 def test_narrowing_convs_copy_the_output_gradient_for_their_kernel_gradient(
@@ -424,28 +432,6 @@ def test_narrowing_convs_copy_the_output_gradient_for_their_kernel_gradient(
     hlo = jax.jit(jax.grad(lambda x, k: conv(x, k).sum(), argnums=1)).lower(x, k).as_text()
     assert ('[f, 0, 1, b]x[i, 0, 1, o]->[b, 0, 1, f]' in hlo) == swapped
     assert kernel_gradient.transposes_output_gradient(k.shape, x.shape) == swapped
-
-
-def test_narrowing_conv_gradients_equal_xla():
-    # Through `conv2d` on CPU, where the swapped kernel gradient is taken.
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(2, 20, 20, 16)), jnp.float32)
-    k = jnp.asarray(rng.normal(size=(3, 3, 16, 4)), jnp.float32)
-    padding = ((1, 1), (1, 1))
-    assert kernel_gradient.transposes_output_gradient(k.shape, x.shape)
-
-    def reference(x, k):
-        dims = ('NHWC', 'HWIO', 'NHWC')
-        return jax.lax.conv_general_dilated(x, k, (1, 1), padding, dimension_numbers=dims)
-
-    def ours(x, k):
-        return convolutions.conv2d(x, k, (1, 1), padding, (1, 1))
-
-    dy = jnp.asarray(rng.normal(size=reference(x, k).shape), jnp.float32)
-    got = jax.vjp(ours, x, k)[1](dy)
-    want = jax.vjp(reference, x, k)[1](dy)
-    for a, b in zip(got, want, strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize('size', [(5, 4), (1, 1), (6, 7)])
