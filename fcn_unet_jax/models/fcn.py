@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fcn_unet_jax.models import convolutions, layers
+from fcn_unet_jax.models import batch_norm, convolutions, layers
 from fcn_unet_jax.models.resnet import ResNet
 from fcn_unet_jax.models.vgg import FCN_CONV1_PAD, VGG16
 
@@ -236,7 +236,7 @@ class FCNHead(nn.Module):
             param_dtype=jnp.float32,
             name='conv',
         )(x)
-        x = nn.BatchNorm(
+        x = batch_norm.BatchNorm(
             use_running_average=not train,
             momentum=0.9,
             epsilon=1e-5,

@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fcn_unet_jax.models import convolutions, fusion_barrier, layers, pooling
+from fcn_unet_jax.models import batch_norm, convolutions, fusion_barrier, layers, pooling
 
 Array = jax.Array
 
@@ -66,7 +66,7 @@ class _Bottleneck(nn.Module):
             )
 
         def bn(name):
-            return nn.BatchNorm(
+            return batch_norm.BatchNorm(
                 use_running_average=not train,
                 momentum=0.9,  # PyTorch's momentum 0.1.
                 epsilon=_BN_EPS[self.variant],
@@ -140,7 +140,7 @@ class ResNet(nn.Module):
             param_dtype=jnp.float32,
             name='conv1',
         )(x.astype(dtype))
-        x = nn.BatchNorm(
+        x = batch_norm.BatchNorm(
             use_running_average=not train,
             momentum=0.9,
             epsilon=_BN_EPS[self.variant],

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from fcn_unet_jax.models import convolutions, layers, pooling
+from fcn_unet_jax.models.batch_norm import BatchNorm
 from fcn_unet_jax.models.resnet import ResNet
 from fcn_unet_jax.models.vgg import VGG16
 
@@ -162,7 +163,7 @@ def _double_conv(
             name=f'conv{i}',
         )(x)
         if batch_norm:
-            x = nn.BatchNorm(
+            x = BatchNorm(
                 use_running_average=not train,
                 momentum=0.9,
                 dtype=dtype,
@@ -339,7 +340,7 @@ class _DecoderBlock(nn.Module):
                 x = convolutions.Conv(
                     self.features, (3, 3), padding=((1, 1), (1, 1)), **conv_options
                 )(x)
-            x = nn.BatchNorm(
+            x = BatchNorm(
                 use_running_average=not train,
                 momentum=0.9,
                 epsilon=1e-5,

@@ -1,0 +1,144 @@
+"""BatchNorm with a hand-written training gradient.
+
+Same parameters, statistics and outputs as `flax.linen.BatchNorm` (`scale`, `bias` and the
+`batch_stats` `mean` / `var`; statistics in float32, the variance as E[x^2] - E[x]^2,
+running averages updated outside initialisation), so checkpoints and imported weights
+load unchanged. What differs is the backward pass in training. Differentiating flax's
+normalisation, XLA:CPU writes the output gradient scaled by `scale / std` as one more
+activation-sized tensor and reduces over the output gradient three times (for the bias,
+through the mean and through the variance). Here the gradient is the textbook one (Ioffe
+& Szegedy 2015, section 3), with `sum(dy)` and `sum(dy * (x - mean))` its only
+reductions and `dx` one elementwise pass:
+
+    dx = scale / std * (dy - mean(dy) - x_hat * mean(dy * x_hat)).
+
+Train steps at 320 px, batch 4, on CPU, paired with flax's BatchNorm in one process
+(XLA's buffers in brackets): FCN-ResNet101 -1.0 s of 10.6 s (3,387 -> 3,034 MiB),
+FCN-ResNet50 -111 ms of 4.98 s (1,850 -> 1,818 MiB), U-Net-ResNet50 -67 ms of 2.25 s
+(1,166 -> 1,097 MiB).
+"""
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+_REDUCED_AXES = (0, 1, 2)  # NHWC: statistics per channel over batch and pixels.
+
+
+def _statistics_dtype(x: Array) -> Any:
+    # As flax's `force_float32_reductions`: at least float32, also for bfloat16 inputs.
+    return jnp.promote_types(x.dtype, jnp.float32)
+
+
+def _normalize(
+    x: Array, mean: Array, var: Array, scale: Array, bias: Array, epsilon: float
+) -> Array:
+    # The operations of flax's `_normalize`, in its order.
+    return (x - mean) * (jax.lax.rsqrt(var + epsilon) * scale) + bias
+
+
+def _batch_statistics(x: Array) -> tuple[Array, Array]:
+    x = x.astype(_statistics_dtype(x))
+    mean = jnp.mean(x, _REDUCED_AXES)
+    mean_of_squares = jnp.mean(jnp.square(x), _REDUCED_AXES)
+    return mean, jnp.maximum(0.0, mean_of_squares - jnp.square(mean))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def normalize_with_batch_statistics(
+    x: Array, scale: Array, bias: Array, epsilon: float, dtype: Any
+) -> tuple[Array, Array, Array]:
+    """Training-mode BatchNorm of NHWC `x`: returns `(y, batch mean, batch variance)`.
+
+    Args:
+      x: NHWC activations.
+      scale: per-channel scale (C,).
+      bias: per-channel shift (C,).
+      epsilon: added to the variance.
+      dtype: dtype of `y`.
+
+    Returns:
+      `y` in `dtype`, and the batch mean and (biased) variance in float32, which the
+      caller folds into its running averages.
+    """
+    mean, var = _batch_statistics(x)
+    return _normalize(x, mean, var, scale, bias, epsilon).astype(dtype), mean, var
+
+
+def _forward(x, scale, bias, epsilon, dtype):
+    mean, var = _batch_statistics(x)
+    y = _normalize(x, mean, var, scale, bias, epsilon).astype(dtype)
+    return (y, mean, var), (x, scale, bias, mean, var)
+
+
+def _backward(epsilon, dtype, residuals, cotangents):
+    del dtype
+    x, scale, bias, mean, var = residuals
+    dy, dmean, dvar = cotangents
+    count = x.size // x.shape[-1]
+    stats_dtype = _statistics_dtype(x)
+    g = dy.astype(stats_dtype)
+    centred = x.astype(stats_dtype) - mean
+    inv_std = jax.lax.rsqrt(var + epsilon)
+    sum_g = jnp.sum(g, _REDUCED_AXES)
+    sum_g_centred = jnp.sum(g * centred, _REDUCED_AXES)
+    multiplier = inv_std * scale
+    # dx = a * g + b * (x - mean) + c per channel; the batch mean's and variance's own
+    # cotangents (zero in a train step, where they only feed the running averages) add
+    # to b and c, as d mean / dx = 1 / n and d var / dx = 2 (x - mean) / n (the variance
+    # is clipped at zero in the forward pass, where its gradient vanishes).
+    dvar = jnp.where(var > 0, dvar, 0)
+    b = (2 * dvar - multiplier * jnp.square(inv_std) * sum_g_centred) / count
+    c = (dmean - multiplier * sum_g) / count
+    dx = multiplier * g + b * centred + c
+    dscale = (sum_g_centred * inv_std).astype(scale.dtype)
+    dbias = sum_g.astype(bias.dtype)
+    return dx.astype(x.dtype), dscale, dbias
+
+
+normalize_with_batch_statistics.defvjp(_forward, _backward)
+
+
+class BatchNorm(nn.Module):
+    """BatchNorm over the channels of NHWC inputs, `flax.linen.BatchNorm`'s variables.
+
+    Attributes:
+      use_running_average: normalise with the running averages (evaluation) instead of
+        the batch statistics (training, which also updates the averages).
+      momentum: decay of the running averages (0.9 = PyTorch's momentum 0.1).
+      epsilon: added to the variance.
+      dtype: dtype of the output (default: that of the input).
+      param_dtype: dtype of `scale` and `bias`.
+    """
+
+    use_running_average: bool
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        features = (x.shape[-1],)
+        running_mean = self.variable(
+            'batch_stats', 'mean', lambda s: jnp.zeros(s, jnp.float32), features
+        )
+        running_var = self.variable(
+            'batch_stats', 'var', lambda s: jnp.ones(s, jnp.float32), features
+        )
+        scale = self.param('scale', nn.initializers.ones, features, self.param_dtype)
+        bias = self.param('bias', nn.initializers.zeros, features, self.param_dtype)
+        dtype = self.dtype or jnp.result_type(x, scale, bias)
+        if self.use_running_average:
+            y = _normalize(x, running_mean.value, running_var.value, scale, bias, self.epsilon)
+            return y.astype(dtype)
+        y, mean, var = normalize_with_batch_statistics(x, scale, bias, self.epsilon, dtype)
+        if not self.is_initializing():
+            running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
+            running_var.value = self.momentum * running_var.value + (1 - self.momentum) * var
+        return y
