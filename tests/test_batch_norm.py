@@ -125,3 +125,19 @@ def test_evaluation_matches_flax():
     variables = {'params': params, 'batch_stats': batch_stats}
     reference, ours = _layers(train=False, dtype=jnp.float32, epsilon=1.001e-5)
     np.testing.assert_array_equal(ours.apply(variables, x), reference.apply(variables, x))
+
+
+@pytest.mark.parametrize('shape', [(16, 6), (2, 3, 4, 5, 6)])
+def test_statistics_are_over_every_axis_but_the_last(shape):
+    x = jnp.asarray(np.random.default_rng(1).normal(size=shape) * 2 + 1, jnp.float32)
+    reference, ours = _layers(train=True, dtype=jnp.float32)
+    variables = reference.init(jax.random.key(0), x)
+
+    def loss(layer, x):
+        y, _ = layer.apply(variables, x, mutable=['batch_stats'])
+        return jnp.sum(jnp.sin(y))
+
+    for layer_loss in (loss, jax.grad(loss, argnums=1)):
+        np.testing.assert_allclose(
+            layer_loss(ours, x), layer_loss(reference, x), rtol=1e-5, atol=1e-5
+        )

@@ -27,7 +27,10 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
-_REDUCED_AXES = (0, 1, 2)  # NHWC: statistics per channel over batch and pixels.
+
+def _reduced_axes(x: Array) -> tuple[int, ...]:
+    # Statistics per channel (the last axis) over all others, as flax's default `axis=-1`.
+    return tuple(range(x.ndim - 1))
 
 
 def _statistics_dtype(x: Array) -> Any:
@@ -44,8 +47,8 @@ def _normalize(
 
 def _batch_statistics(x: Array) -> tuple[Array, Array]:
     x = x.astype(_statistics_dtype(x))
-    mean = jnp.mean(x, _REDUCED_AXES)
-    mean_of_squares = jnp.mean(jnp.square(x), _REDUCED_AXES)
+    mean = jnp.mean(x, _reduced_axes(x))
+    mean_of_squares = jnp.mean(jnp.square(x), _reduced_axes(x))
     return mean, jnp.maximum(0.0, mean_of_squares - jnp.square(mean))
 
 
@@ -53,10 +56,10 @@ def _batch_statistics(x: Array) -> tuple[Array, Array]:
 def normalize_with_batch_statistics(
     x: Array, scale: Array, bias: Array, epsilon: float, dtype: Any
 ) -> tuple[Array, Array, Array]:
-    """Training-mode BatchNorm of NHWC `x`: returns `(y, batch mean, batch variance)`.
+    """Training-mode BatchNorm of `x`: returns `(y, batch mean, batch variance)`.
 
     Args:
-      x: NHWC activations.
+      x: activations, channels last (NHWC for the models).
       scale: per-channel scale (C,).
       bias: per-channel shift (C,).
       epsilon: added to the variance.
@@ -66,8 +69,7 @@ def normalize_with_batch_statistics(
       `y` in `dtype`, and the batch mean and (biased) variance in float32, which the
       caller folds into its running averages.
     """
-    mean, var = _batch_statistics(x)
-    return _normalize(x, mean, var, scale, bias, epsilon).astype(dtype), mean, var
+    return _forward(x, scale, bias, epsilon, dtype)[0]
 
 
 def _forward(x, scale, bias, epsilon, dtype):
@@ -85,8 +87,8 @@ def _backward(epsilon, dtype, residuals, cotangents):
     g = dy.astype(stats_dtype)
     centred = x.astype(stats_dtype) - mean
     inv_std = jax.lax.rsqrt(var + epsilon)
-    sum_g = jnp.sum(g, _REDUCED_AXES)
-    sum_g_centred = jnp.sum(g * centred, _REDUCED_AXES)
+    sum_g = jnp.sum(g, _reduced_axes(x))
+    sum_g_centred = jnp.sum(g * centred, _reduced_axes(x))
     multiplier = inv_std * scale
     # dx = a * g + b * (x - mean) + c per channel; the batch mean's and variance's own
     # cotangents (zero in a train step, where they only feed the running averages) add
@@ -105,14 +107,15 @@ normalize_with_batch_statistics.defvjp(_forward, _backward)
 
 
 class BatchNorm(nn.Module):
-    """BatchNorm over the channels of NHWC inputs, `flax.linen.BatchNorm`'s variables.
+    """BatchNorm over the last axis (channels), with `flax.linen.BatchNorm`'s variables.
 
     Attributes:
       use_running_average: normalise with the running averages (evaluation) instead of
         the batch statistics (training, which also updates the averages).
       momentum: decay of the running averages (0.9 = PyTorch's momentum 0.1).
       epsilon: added to the variance.
-      dtype: dtype of the output (default: that of the input).
+      dtype: dtype of the output (default: that of the input and parameters promoted
+        together, as in flax).
       param_dtype: dtype of `scale` and `bias`.
     """
 
