@@ -111,7 +111,7 @@ def _winograd_table(rng) -> None:
     import jax
     import jax.numpy as jnp
 
-    from fcn_unet_jax.models import winograd
+    from fcn_unet_jax.ops import winograd
 
     print(
         '| layer | map | channels | dilation | direct fwd / train ms | Winograd fwd / train ms '
@@ -163,7 +163,7 @@ def _kernel_gradient_table(rng) -> None:
     import jax
     import jax.numpy as jnp
 
-    from fcn_unet_jax.models import kernel_gradient
+    from fcn_unet_jax.ops import kernel_gradient
 
     print(
         '\n| 3x3 kernel gradient | map | channels | padding inside ms | padded input ms '
@@ -205,7 +205,8 @@ def _decoder_table(rng) -> None:
     import jax
     import jax.numpy as jnp
 
-    from fcn_unet_jax.models import convolutions, layers
+    from fcn_unet_jax.models import layers
+    from fcn_unet_jax.ops import convolutions
 
     print(
         '\n| decoder conv1 | input map | channels (input + skip -> out) '

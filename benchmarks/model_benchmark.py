@@ -58,7 +58,7 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks import model_setup
-from fcn_unet_jax import xla_options
+from fcn_unet_jax import sharding, xla_options
 
 FLAGS = flags.FLAGS
 # glibc reads its tunables only when a process starts, hence a worker-only setting.
@@ -189,8 +189,6 @@ def _jax_worker(name: str) -> dict[str, Any]:
 
     import jax
     import jax.numpy as jnp
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
 
     from fcn_unet_jax import models, train
 
@@ -202,11 +200,11 @@ def _jax_worker(name: str) -> dict[str, Any]:
     size = config.input.crop_size
     images, labels = model_setup.random_batch(size, FLAGS.batch_size, FLAGS.num_classes)
 
-    mesh = train.create_mesh()
+    mesh = sharding.create_mesh()
     model = models.build_model(config.model)
     state, tx, schedule = train.create_train_state(config, model, mesh, jax.random.key(0))
-    replicated = NamedSharding(mesh, P())
-    batch_sharding = NamedSharding(mesh, P(train.DATA_AXIS))
+    replicated = sharding.replicated_sharding(mesh)
+    batch_sharding = sharding.batch_sharding(mesh)
     batch = jax.device_put({'image': images, 'label': labels}, batch_sharding)
     rng = jax.device_put(jax.random.key(1), replicated)
     step_fn = jax.jit(

@@ -34,7 +34,7 @@ import time
 from absl import app, flags
 
 from benchmarks import model_setup
-from fcn_unet_jax import xla_options
+from fcn_unet_jax import sharding, xla_options
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('model', 'fcn_resnet50', 'Model name (a key of fcn_unet_jax.models.MODELS).')
@@ -146,8 +146,6 @@ def profile_events(trace_dir: str) -> collections.Counter:
 def main(argv):
     del argv
     import jax
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
 
     from fcn_unet_jax import models, train
 
@@ -158,10 +156,10 @@ def main(argv):
         config.input.crop_size, FLAGS.batch_size, FLAGS.num_classes
     )
 
-    mesh = train.create_mesh()
+    mesh = sharding.create_mesh()
     model = models.build_model(config.model)
     state, tx, schedule = train.create_train_state(config, model, mesh, jax.random.key(0))
-    replicated, batched = NamedSharding(mesh, P()), NamedSharding(mesh, P(train.DATA_AXIS))
+    replicated, batched = sharding.replicated_sharding(mesh), sharding.batch_sharding(mesh)
     batch = jax.device_put({'image': images, 'label': labels}, batched)
     key = jax.device_put(jax.random.key(1), replicated)
     if FLAGS.mode == 'train':

@@ -121,7 +121,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval_every_steps = 500
     config.checkpoint_every_steps = 500
     config.keep_checkpoints = 3
-    # Initialisation: a converted pretrained checkpoint (fcn_unet_jax.checkpoints), or the
+    # Initialisation: a converted pretrained checkpoint (fcn_unet_jax.weights), or the
     # workdir of a previous run (FCN staging 32s -> 16s -> 8s).
     config.init_from = ml_collections.config_dict.placeholder(str)
 

@@ -10,7 +10,7 @@ to 512 x 512.
 
 `init_from` defaults to `weights/vgg16_fcn`, the ImageNet VGG16 converted once with
 
-    python -m fcn_unet_jax.checkpoints --input=vgg16.pth --model=fcn32s_vgg16 \
+    python -m fcn_unet_jax.weights.convert --input=vgg16.pth --model=fcn32s_vgg16 \
         --output=weights/vgg16_fcn
 
 (override with `--config.init_from=PATH`).

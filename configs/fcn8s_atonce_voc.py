@@ -13,7 +13,7 @@ to 512 x 512.
 Trained in one stage from ImageNet VGG16 (pool4 scaled by 0.01 and pool3 by 0.0001 before
 scoring): `init_from` defaults to `weights/vgg16_fcn8s_atonce`, converted once with
 
-    python -m fcn_unet_jax.checkpoints --input=vgg16.pth --model=fcn8s_atonce_vgg16 \
+    python -m fcn_unet_jax.weights.convert --input=vgg16.pth --model=fcn8s_atonce_vgg16 \
         --output=weights/vgg16_fcn8s_atonce
 
 (override with `--config.init_from=PATH`).

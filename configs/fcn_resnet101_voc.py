@@ -13,7 +13,7 @@ has no published number to match; treat 63.7 as a sanity reference only.
 `init_from` defaults to `weights/fcn_resnet101_imagenet`, torchvision's ImageNet ResNet-101
 converted once with
 
-    python -m fcn_unet_jax.checkpoints --input=resnet101.pth --model=fcn_resnet101 \
+    python -m fcn_unet_jax.weights.convert --input=resnet101.pth --model=fcn_resnet101 \
         --output=weights/fcn_resnet101_imagenet
 
 (override with `--config.init_from=PATH`; cleared by `runlocal`).

@@ -19,7 +19,7 @@ has no published number to match; treat 60.5 as a sanity reference only.
 `init_from` defaults to `weights/fcn_resnet50_imagenet`, torchvision's ImageNet ResNet-50
 converted once with
 
-    python -m fcn_unet_jax.checkpoints --input=resnet50.pth --model=fcn_resnet50 \
+    python -m fcn_unet_jax.weights.convert --input=resnet50.pth --model=fcn_resnet50 \
         --output=weights/fcn_resnet50_imagenet
 
 (override with `--config.init_from=PATH`; cleared by `runlocal`).

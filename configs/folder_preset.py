@@ -21,7 +21,7 @@ it to your class count). `init_from` defaults to `weights/MODEL_imagenet`, the I
 encoder (torchvision's `resnet50.pth` / `resnet101.pth` / `vgg16.pth`) converted once for
 that model (a converted checkpoint only loads into the model it was made for):
 
-    python -m fcn_unet_jax.checkpoints --input=resnet50.pth --model=unet_resnet50 \
+    python -m fcn_unet_jax.weights.convert --input=resnet50.pth --model=unet_resnet50 \
         --output=weights/unet_resnet50_imagenet
 
 Override it with `--config.init_from=PATH`; `runlocal` clears it.

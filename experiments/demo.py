@@ -20,7 +20,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from configs import shapes_fcn8s, shapes_unet
-from fcn_unet_jax import checkpoint_manager, models, train, visualize, xla_options
+from fcn_unet_jax import checkpointing, models, train, visualize, xla_options
 from fcn_unet_jax.data import builders, input_pipeline
 
 FLAGS = flags.FLAGS
@@ -49,7 +49,7 @@ def write_overlays(config: ml_collections.ConfigDict, workdir: str, count: int) 
     Returns:
       Paths of the written PNG files.
     """
-    variables = checkpoint_manager.restore_variables(workdir)
+    variables = checkpointing.restore_variables(workdir)
     model = models.build_model(config.model)
     info = input_pipeline.get_dataset_info(config)
 

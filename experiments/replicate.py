@@ -42,7 +42,7 @@ from typing import Any
 
 from absl import app, flags, logging
 
-from fcn_unet_jax import train
+from fcn_unet_jax import workdir as workdir_files
 
 FLAGS = flags.FLAGS
 
@@ -196,8 +196,8 @@ REPORTED: dict[str, Reported] = {
 
 # Files a run directory must hold to be tabulated, and what their absence means.
 _REQUIRED = {
-    train.CONFIG_FILE: 'not a run directory, or a run that never started',
-    train.EVAL_RESULTS_FILE: (
+    workdir_files.CONFIG_FILE: 'not a run directory, or a run that never started',
+    workdir_files.EVAL_RESULTS_FILE: (
         'the run has not finished its final evaluation: rerun its training command, '
         'which resumes, or evaluate its last checkpoint with `--mode=eval`'
     ),
@@ -286,10 +286,10 @@ def load_run(run_dir: str) -> dict[str, Any]:
         path = os.path.join(run_dir, name)
         if not os.path.exists(path):
             raise IncompleteRunError(f'{path} does not exist ({meaning}).')
-    info_path = os.path.join(run_dir, train.RUN_INFO_FILE)
+    info_path = os.path.join(run_dir, workdir_files.RUN_INFO_FILE)
     return {
-        'config': _read_json(os.path.join(run_dir, train.CONFIG_FILE)),
-        'eval': _read_json(os.path.join(run_dir, train.EVAL_RESULTS_FILE)),
+        'config': _read_json(os.path.join(run_dir, workdir_files.CONFIG_FILE)),
+        'eval': _read_json(os.path.join(run_dir, workdir_files.EVAL_RESULTS_FILE)),
         'run_info': _read_json(info_path) if os.path.exists(info_path) else None,
     }
 

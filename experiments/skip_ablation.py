@@ -40,6 +40,7 @@ from matplotlib.figure import Figure
 from ml_collections import config_flags
 
 from fcn_unet_jax import models, train, xla_options
+from fcn_unet_jax import workdir as workdir_files
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Base config of the sweep.', lock_config=True)
@@ -100,7 +101,7 @@ def family_variants(family: str, model_name: str) -> dict[str, Variant]:
 
 def _finished_report(workdir: str, num_steps: int) -> dict[str, Any] | None:
     """The run's final eval report if it finished all `num_steps` steps, else None."""
-    path = os.path.join(workdir, train.EVAL_RESULTS_FILE)
+    path = os.path.join(workdir, workdir_files.EVAL_RESULTS_FILE)
     if not os.path.exists(path):
         return None
     with open(path) as f:

@@ -46,13 +46,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
+from fcn_unet_jax import sharding
 from fcn_unet_jax.models import layers, unet
 
 MODES = ('whole', 'sliding')
-DATA_AXIS = 'data'  # The mesh axis windows are sharded on (train.py's mesh uses it too).
 
 Array = jax.Array
 
@@ -283,11 +282,7 @@ def plan_tiles(
 
 
 def _data_devices(mesh: Mesh | None) -> int:
-    if mesh is None:
-        return 1
-    if DATA_AXIS not in mesh.axis_names:
-        raise ValueError(f'The mesh needs a {DATA_AXIS!r} axis, got {mesh.axis_names}.')
-    return mesh.shape[DATA_AXIS]
+    return 1 if mesh is None else sharding.data_axis_size(mesh)
 
 
 def _main_output(outputs: Array | Mapping[str, Array]) -> Array:
@@ -350,7 +345,7 @@ def logits(
         group_index, group_valid = group
         windows = jax.vmap(extract)(group_index)
         if mesh is not None:
-            windows = jax.lax.with_sharding_constraint(windows, NamedSharding(mesh, P(DATA_AXIS)))
+            windows = jax.lax.with_sharding_constraint(windows, sharding.batch_sharding(mesh))
         tiles = apply(windows)
 
         def add(k: int, total: Array) -> Array:
@@ -429,7 +424,7 @@ class Predictor:
         """
         _data_devices(mesh)  # Fails now, not at the first call, for a mesh without 'data'.
         self.settings = settings
-        self._replicated = None if mesh is None else NamedSharding(mesh, P())
+        self._replicated = None if mesh is None else sharding.replicated_sharding(mesh)
         self._variables = self._place(variables)
         fn = functools.partial(probabilities, model, settings=settings, mesh=mesh)
         self._probabilities = jax.jit(fn)

@@ -22,7 +22,6 @@ when no input could be processed.
 import collections
 import dataclasses
 import glob
-import json
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -33,7 +32,8 @@ import numpy as np
 from absl import app, flags, logging
 from PIL import Image
 
-from fcn_unet_jax import checkpoint_manager, inference, models, train, visualize, xla_options
+from fcn_unet_jax import checkpointing, inference, models, sharding, visualize, xla_options
+from fcn_unet_jax import workdir as workdir_files
 from fcn_unet_jax.data import builders, input_pipeline
 
 IMAGE_EXTENSIONS = ('.bmp', '.gif', '.jpeg', '.jpg', '.png', '.ppm', '.tif', '.tiff', '.webp')
@@ -52,29 +52,6 @@ class PredictionResult:
 
     written: tuple[str, ...]
     failed: tuple[tuple[str, str], ...]
-
-
-def _tuples(value):
-    # JSON turned the config's tuples into lists; ConfigDict fields such as window_size and
-    # scales are tuples in configs/default.py.
-    if isinstance(value, dict):
-        return {k: _tuples(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return tuple(_tuples(v) for v in value)
-    return value
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-    """Reads the resolved config a training run wrote to `workdir/config.json`.
-
-    Args:
-      workdir: the run's workdir.
-
-    Returns:
-      The config (unlocked, so prediction flags can override fields).
-    """
-    with open(os.path.join(workdir, train.CONFIG_FILE)) as f:
-        return ml_collections.ConfigDict(_tuples(json.load(f)))
 
 
 def override_eval(
@@ -215,13 +192,13 @@ def predict_paths(
     Returns:
       The written masks and the inputs that failed.
     """
-    config = load_config(workdir)
+    config = workdir_files.read_config(workdir)
     override_eval(config, **overrides)
     if config.model.num_classes > 256:
         raise ValueError('Index masks are 8-bit PNGs; more than 256 classes do not fit.')
     model = models.build_model(config.model)
-    variables = checkpoint_manager.restore_variables(workdir)
-    mesh = train.create_mesh() if mesh is None else mesh
+    variables = checkpointing.restore_variables(workdir)
+    mesh = sharding.create_mesh() if mesh is None else mesh
     predictor = inference.Predictor(
         model, variables, inference.InferenceSettings.from_config(config), mesh
     )

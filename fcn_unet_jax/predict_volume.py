@@ -39,7 +39,8 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
-from fcn_unet_jax import checkpoint_manager, inference, metrics, models, predict, train, xla_options
+from fcn_unet_jax import checkpointing, inference, metrics, models, predict, sharding, xla_options
+from fcn_unet_jax import workdir as workdir_files
 from fcn_unet_jax.data import builders, input_pipeline, volume_io
 from fcn_unet_jax.data.builders import volumes
 
@@ -162,15 +163,6 @@ def summarize(confusions: dict[str, np.ndarray]) -> dict[str, dict]:
     return summary
 
 
-def _json_safe(value):
-    # JSON has no NaN; Dice and IoU are undefined for classes absent from both volumes.
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    return None if isinstance(value, float) and math.isnan(value) else value
-
-
 def markdown_table(summary: dict[str, dict], class_names: Sequence[str]) -> str:
     """A Markdown table: case, Dice per class, mean IoU; the last row is `OVERALL`."""
 
@@ -249,11 +241,11 @@ def predict_volumes(
     repeated = sorted({c for c in case_ids if case_ids.count(c) > 1})
     if repeated:
         raise ValueError(f'Several inputs share the case id(s) {repeated}.')
-    config = predict.load_config(workdir)
+    config = workdir_files.read_config(workdir)
     predict.override_eval(config, **overrides)
     model = models.build_model(config.model)
-    variables = checkpoint_manager.restore_variables(workdir)
-    mesh = train.create_mesh() if mesh is None else mesh
+    variables = checkpointing.restore_variables(workdir)
+    mesh = sharding.create_mesh() if mesh is None else mesh
     predictor = inference.Predictor(
         model, variables, inference.InferenceSettings.from_config(config), mesh
     )
@@ -284,8 +276,8 @@ def predict_volumes(
         with open(os.path.join(output_dir, METRICS_FILE), 'w') as f:
             json.dump(
                 {
-                    'cases': _json_safe({c: summary[c] for c in confusions}),
-                    OVERALL: _json_safe(summary[OVERALL]),
+                    'cases': workdir_files.jsonable({c: summary[c] for c in confusions}),
+                    OVERALL: workdir_files.jsonable(summary[OVERALL]),
                 },
                 f,
                 indent=2,
@@ -319,7 +311,7 @@ def run(
     if (input_path is None) == (split is None):
         raise app.UsageError('Give exactly one of --input and --split.')
     if split is not None:
-        cases = split_cases(predict.load_config(workdir), split)
+        cases = split_cases(workdir_files.read_config(workdir), split)
     else:
         cases = []
         for image in find_volumes(input_path):

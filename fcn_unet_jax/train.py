@@ -16,10 +16,6 @@ checkpointing, as orbax requires.
 """
 
 import functools
-import json
-import os
-import re
-import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -34,19 +30,12 @@ from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
 from etils import epath
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
-from fcn_unet_jax import checkpoint_manager, inference, losses, metrics, models, optimizers
+from fcn_unet_jax import checkpointing, inference, losses, metrics, models, optimizers, sharding
+from fcn_unet_jax import workdir as workdir_files
 from fcn_unet_jax.data import builders, input_pipeline
 
-DATA_AXIS = 'data'
-EVAL_RESULTS_FILE = 'eval_results.json'
-METRICS_LOG_FILE = 'metrics.jsonl'
-CONFIG_FILE = 'config.json'
-RUN_INFO_FILE = 'run_info.json'
-# The run_info fields that must agree for two segments of a run to share one wall time.
-_HARDWARE_KEYS = ('platform', 'device_kind', 'device_count', 'process_count')
 # Variable collections the train step updates (other non-param collections, such as the
 # FCN's fixed bilinear upsamplers in `frozen`, are carried along unchanged).
 MUTABLE_COLLECTIONS = ('batch_stats',)
@@ -71,40 +60,6 @@ class TrainState:
     def variables(self) -> dict:
         """The model's variables, ready for `model.apply`."""
         return {'params': self.params, **self.model_state}
-
-
-def create_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A 1-D data-parallel mesh over `devices` (default: every device of every process)."""
-    return Mesh(np.asarray(devices if devices is not None else jax.devices()), (DATA_AXIS,))
-
-
-def to_host(x: jax.Array) -> np.ndarray:
-    """Fetches a replicated array, also when it spans devices of other processes."""
-    if x.is_fully_addressable:
-        return np.asarray(x)
-    return np.asarray(x.addressable_data(0))
-
-
-def _replicate(tree, sharding: NamedSharding):
-    """Puts identical host values of every process onto `sharding` (replicated)."""
-
-    def put(x):
-        x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
-    return jax.tree_util.tree_map(put, tree)
-
-
-def _global_batch(local_batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict:
-    """Assembles the global batch from every process's slice (non-numeric keys dropped)."""
-    count = jax.process_count()
-    return {
-        key: jax.make_array_from_process_local_data(
-            sharding, value, (value.shape[0] * count, *value.shape[1:])
-        )
-        for key, value in local_batch.items()
-        if np.asarray(value).dtype != object  # e.g. the eval file names.
-    }
 
 
 def _main_logits(outputs) -> jax.Array:
@@ -166,7 +121,7 @@ def init_from(config: ml_collections.ConfigDict, variables: dict) -> dict:
     A previous run's workdir (FCN staging 32s -> 16s -> 8s) contributes every array whose
     path and shape match (backbone, score_fr, ...); the rest (new score layers, upsamplers
     of another size) keeps its initialisation, and both lists are logged. A converted
-    pretrained checkpoint or weights file goes through `fcn_unet_jax.checkpoints`, which
+    pretrained checkpoint or weights file goes through `fcn_unet_jax.weights`, which
     refuses unexpected or mismatched arrays.
 
     Args:
@@ -177,8 +132,8 @@ def init_from(config: ml_collections.ConfigDict, variables: dict) -> dict:
       The merged variables (host arrays).
     """
     path = config.init_from
-    if (epath.Path(path) / checkpoint_manager.CHECKPOINT_SUBDIR).exists():
-        loaded = checkpoint_manager.restore_variables(path)
+    if (epath.Path(path) / checkpointing.CHECKPOINT_SUBDIR).exists():
+        loaded = checkpointing.restore_variables(path)
         merged, taken, kept = _merge_pretrained(variables, loaded)
         logging.info(
             'Initialised %d arrays from the run in %s; %d keep their initialisation: %s',
@@ -188,13 +143,13 @@ def init_from(config: ml_collections.ConfigDict, variables: dict) -> dict:
             kept,
         )
         return merged
-    from fcn_unet_jax import checkpoints  # The weights importer; only needed here.
+    from fcn_unet_jax import weights  # The weights importer; only needed here.
 
-    loaded = checkpoints.load_pretrained(
+    loaded = weights.load_pretrained(
         path, model_name=config.model.name, num_classes=config.model.num_classes
     )
     logging.info('Initialised from the pretrained checkpoint %s.', path)
-    return checkpoints.merge_pretrained(variables, loaded)
+    return weights.merge_pretrained(variables, loaded)
 
 
 def create_train_state(
@@ -214,7 +169,7 @@ def create_train_state(
     Returns:
       (state, optimiser, learning-rate schedule).
     """
-    replicated = NamedSharding(mesh, P())
+    replicated = sharding.replicated_sharding(mesh)
     abstract = jax.eval_shape(lambda r: initial_variables(model, config, r), rng)
     tx, schedule = optimizers.create_optimizer(config, abstract['params'])
 
@@ -231,8 +186,8 @@ def create_train_state(
         rng
     )
     if config.init_from:
-        merged = init_from(config, jax.tree_util.tree_map(to_host, variables))
-        variables = _replicate(merged, replicated)
+        merged = init_from(config, jax.tree_util.tree_map(sharding.to_host, variables))
+        variables = sharding.replicate(merged, replicated)
     state = jax.jit(init, out_shardings=replicated)(variables)
     return state, tx, schedule
 
@@ -353,7 +308,7 @@ class Trainer:
 
     def __init__(self, config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None):
         self.config = config
-        self.mesh = create_mesh(devices)
+        self.mesh = sharding.create_mesh(devices)
         for name in ('batch_size', 'eval_batch_size'):
             if config[name] % self.mesh.size or config[name] % jax.process_count():
                 raise ValueError(
@@ -368,8 +323,8 @@ class Trainer:
                 f'{config.dataset.name} has {self.info.num_classes} classes.'
             )
         self.model = models.build_model(config.model)
-        self.replicated = NamedSharding(self.mesh, P())
-        self.batch_sharding = NamedSharding(self.mesh, P(DATA_AXIS))
+        self.replicated = sharding.replicated_sharding(self.mesh)
+        self.batch_sharding = sharding.batch_sharding(self.mesh)
         # Made inside jit so the keys are global arrays, also across processes.
         init_rng, self.dropout_rng = jax.jit(
             lambda: tuple(jax.random.split(jax.random.key(config.seed))),
@@ -409,7 +364,7 @@ class Trainer:
             process_count=jax.process_count(),
         )
         for batch in iterator:
-            yield _global_batch(batch, self.batch_sharding)
+            yield sharding.global_batch(batch, self.batch_sharding)
 
     def evaluate(self, split: str | None = None) -> dict[str, Any]:
         """Scores of the current state on a whole split (every example exactly once)."""
@@ -421,129 +376,22 @@ class Trainer:
             process_count=jax.process_count(),
         )
         for batch in iterable:
-            batch = _global_batch(batch, self.batch_sharding)
-            confusion += to_host(self.eval_step(self.state, batch))
+            batch = sharding.global_batch(batch, self.batch_sharding)
+            confusion += sharding.to_host(self.eval_step(self.state, batch))
         result = metrics.scores(confusion)
         result['confusion_matrix'] = confusion.tolist()
         return result
-
-
-class _SigtermFlag:
-    """Records SIGTERM so the loop can save at the next step boundary and stop."""
-
-    def __init__(self):
-        self.received = False
-        self._previous = None
-
-    def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # Not the main thread: leave signals to the caller.
-            self._previous = None
-        return self
-
-    def _handle(self, signum, frame):
-        del signum, frame
-        logging.warning('SIGTERM received: saving a checkpoint at the next step boundary.')
-        self.received = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-    def any_process(self) -> bool:
-        """Whether any process was signalled (all processes must agree to stop together)."""
-        if jax.process_count() == 1:
-            return self.received
-        flags = multihost_utils.process_allgather(np.asarray(self.received, np.int32))
-        return bool(np.any(flags))
-
-
-def _jsonable(value):
-    """Converts NaN to None (valid JSON) and numpy scalars to Python numbers."""
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float | np.floating):
-        return None if not np.isfinite(value) else float(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
 
 
 def _scalar_summaries(result: Mapping[str, Any], prefix: str) -> dict[str, float]:
     return {f'{prefix}{k}': v for k, v in result.items() if isinstance(v, float)}
 
 
-def eval_report(
-    result: Mapping[str, Any], class_names: Sequence[str], step: int, split: str
-) -> dict[str, Any]:
-    """The JSON-ready evaluation report: every metric, per-class values named by class."""
-    report = {'step': step, 'split': split}
-    for key, value in result.items():
-        if key.startswith('per_class_'):
-            report[key] = dict(zip(class_names, value, strict=True))
-        else:
-            report[key] = value
-    report['class_names'] = list(class_names)
-    return _jsonable(report)
-
-
-def write_json(path: epath.Path, content: Mapping[str, Any]) -> None:
-    """Writes `content` as JSON atomically (process 0 only)."""
-    if jax.process_index() != 0:
-        return
-    tmp = path.parent / (path.name + '.tmp')
-    tmp.write_text(json.dumps(_jsonable(content), indent=2, sort_keys=True) + '\n')
-    os.replace(tmp, path)
-
-
-class _JsonLog:
-    """Appends one JSON object per line to `metrics.jsonl` (process 0 only)."""
-
-    def __init__(self, path: epath.Path):
-        self._path = path if jax.process_index() == 0 else None
-
-    def write(self, step: int, scalars: Mapping[str, float]) -> None:
-        if self._path is None:
-            return
-        with open(self._path, 'a') as f:
-            f.write(json.dumps(_jsonable({'step': step, **scalars})) + '\n')
-
-
 def _check_finite(step: int, summary: Mapping[str, jax.Array]) -> dict[str, float]:
-    values = {k: float(to_host(v)) for k, v in summary.items()}
+    values = {k: float(sharding.to_host(v)) for k, v in summary.items()}
     if not np.isfinite(values['loss']):
         raise FloatingPointError(f'Non-finite loss {values["loss"]} at step {step}.')
     return values
-
-
-def run_info(
-    config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
-) -> dict[str, Any]:
-    """The hardware and software a run trains on, for reports next to its metrics.
-
-    Args:
-      config: the run's config (`batch_size` is the global batch).
-      devices: the mesh's devices; default all devices of all processes.
-
-    Returns:
-      `platform` ('cpu', 'gpu', 'tpu'), `device_kind` (e.g. 'TPU v4'), `device_count` (devices
-      of the mesh), `local_device_count` (those of this process), `process_count`,
-      `global_batch_size`, `jax_version` and `flax_version`.
-    """
-    devices = list(devices) if devices is not None else jax.devices()
-    return {
-        'platform': devices[0].platform,
-        'device_kind': devices[0].device_kind,
-        'device_count': len(devices),
-        'local_device_count': sum(d.process_index == jax.process_index() for d in devices),
-        'process_count': jax.process_count(),
-        'global_batch_size': config.batch_size,
-        'jax_version': jax.__version__,
-        'flax_version': flax.__version__,
-    }
 
 
 def train_and_evaluate(
@@ -576,34 +424,25 @@ def train_and_evaluate(
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
     trainer = Trainer(config, devices)
-    write_json(workdir / CONFIG_FILE, config.to_dict())
-    info = run_info(config, trainer.mesh.devices.flat)
+    workdir_files.write_config(workdir, config)
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
-    json_log = _JsonLog(workdir / METRICS_LOG_FILE)
-    manager = checkpoint_manager.CheckpointManager(workdir, keep=config.keep_checkpoints)
+    json_log = workdir_files.MetricsLog(workdir)
+    manager = checkpointing.CheckpointManager(workdir, keep=config.keep_checkpoints)
 
     restored, restored_step = manager.restore_latest(trainer.abstract_state())
     if restored is not None:
         trainer.state = restored
         logging.info('Resumed from the checkpoint at step %d in %s.', restored_step, workdir)
     parameter_overview.log_parameter_overview(
-        jax.tree_util.tree_map(to_host, trainer.state.params), jax_logging_process=0
+        jax.tree_util.tree_map(sharding.to_host, trainer.state.params), jax_logging_process=0
     )
-    start_step = int(to_host(trainer.state.step))
+    start_step = int(sharding.to_host(trainer.state.step))
     total_steps = config.num_train_steps
-    info.update(start_step=start_step, wall_seconds=0.0)
-    previous_path = workdir / RUN_INFO_FILE
-    if start_step and previous_path.exists():
-        previous = json.loads(previous_path.read_text())
-        # Continue the previous call's record when it ended where this one starts (finished,
-        # or stopped by SIGTERM) on the same hardware; otherwise the time of the steps in
-        # between is unknown and the record starts again at `start_step`.
-        if previous.get('end_step') == start_step and all(
-            previous.get(key) == info[key] for key in _HARDWARE_KEYS
-        ):
-            info.update(start_step=previous['start_step'], wall_seconds=previous['wall_seconds'])
+    info = workdir_files.continue_run_info(
+        workdir, workdir_files.run_info(config, trainer.mesh.devices.flat), start_step
+    )
     # Written now so that a run that crashes still records its hardware.
-    write_json(workdir / RUN_INFO_FILE, info)
+    workdir_files.write_json(workdir / workdir_files.RUN_INFO_FILE, info)
 
     hooks: list[Callable[[int], None]] = []
     if is_main:
@@ -645,7 +484,7 @@ def train_and_evaluate(
         json_log.write(step, scalars)
         return result
 
-    with _SigtermFlag() as sigterm, metric_writers.ensure_flushes(writer):
+    with checkpointing.SigtermFlag() as sigterm, metric_writers.ensure_flushes(writer):
         batches = trainer.train_batches(start_step) if start_step < total_steps else iter(())
         for step in range(start_step + 1, total_steps + 1):
             with jax.profiler.StepTraceAnnotation('train', step_num=step):
@@ -675,8 +514,10 @@ def train_and_evaluate(
         if not summaries['preempted']:
             split = config.dataset.eval_split
             result = run_eval(summaries['step'])
-            report = eval_report(result, trainer.info.class_names, summaries['step'], split)
-            write_json(workdir / EVAL_RESULTS_FILE, report)
+            report = workdir_files.eval_report(
+                result, trainer.info.class_names, summaries['step'], split
+            )
+            workdir_files.write_json(workdir / workdir_files.EVAL_RESULTS_FILE, report)
             summaries['eval'] = report
             logging.info(
                 'Final evaluation on %s at step %d: %s',
@@ -686,7 +527,7 @@ def train_and_evaluate(
             )
     manager.close()
     info.update(end_step=summaries['step'], wall_seconds=info['wall_seconds'] + time.time() - began)
-    write_json(workdir / RUN_INFO_FILE, info)
+    workdir_files.write_json(workdir / workdir_files.RUN_INFO_FILE, info)
     summaries['run_info'] = info
     return summaries
 
@@ -715,7 +556,7 @@ def evaluate_checkpoint(
     workdir = epath.Path(workdir)
     split = split or config.dataset.eval_split
     trainer = Trainer(config, devices)
-    manager = checkpoint_manager.CheckpointManager(workdir, keep=config.keep_checkpoints)
+    manager = checkpointing.CheckpointManager(workdir, keep=config.keep_checkpoints)
     state, step = manager.restore_latest(trainer.abstract_state())
     manager.close()
     if state is None:
@@ -723,11 +564,9 @@ def evaluate_checkpoint(
     trainer.state = state
     start = time.time()
     result = trainer.evaluate(split)
-    report = eval_report(result, trainer.info.class_names, step, split)
-    name = EVAL_RESULTS_FILE
-    if split != config.dataset.eval_split:
-        name = f'eval_results_{re.sub(r"[^A-Za-z0-9]+", "_", split).strip("_")}.json'
-    write_json(workdir / name, report)
+    report = workdir_files.eval_report(result, trainer.info.class_names, step, split)
+    name = workdir_files.eval_results_file(split, config.dataset.eval_split)
+    workdir_files.write_json(workdir / name, report)
     logging.info(
         'Evaluated step %d on %s in %.1f s: %s',
         step,

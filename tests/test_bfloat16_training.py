@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_models import jaxpr_eqns
 
 from configs import default
-from fcn_unet_jax import models, train
+from fcn_unet_jax import models, sharding, train
+from tests.models.test_models import jaxpr_eqns
 
 pytestmark = pytest.mark.usefixtures('fast_compile')
 
@@ -86,7 +86,7 @@ def test_bfloat16_training_tracks_float32(name, batch_size, size, learning_rate,
     state0, tx, schedule = train.create_train_state(
         config,
         models.build_model(config.model),
-        train.create_mesh(jax.devices()[:1]),
+        sharding.create_mesh(jax.devices()[:1]),
         jax.random.key(0),
     )
     rng = jax.random.key(1)

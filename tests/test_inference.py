@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from configs import default
-from fcn_unet_jax import inference, models
+from fcn_unet_jax import inference, models, sharding
 from fcn_unet_jax.inference import InferenceSettings
 from fcn_unet_jax.models import unet
 
@@ -230,7 +230,7 @@ def test_mesh_path_equals_single_device(settings):
     model, variables = build('unet', padding='SAME')
     x = np.asarray(images((3, *ODD, 3)))
     single = inference.Predictor(model, variables, settings)
-    mesh = Mesh(np.asarray(jax.devices()), (inference.DATA_AXIS,))
+    mesh = sharding.create_mesh()
     sharded = inference.Predictor(model, variables, settings, mesh=mesh)
     expected = single.probabilities(x)
     result = sharded.probabilities(x)
@@ -241,7 +241,7 @@ def test_mesh_path_equals_single_device(settings):
 
 def test_mesh_shards_each_window_group_over_the_devices():
     model, variables = build('unet', padding='SAME')
-    mesh = Mesh(np.asarray(jax.devices()), (inference.DATA_AXIS,))
+    mesh = sharding.create_mesh()
     replicated = NamedSharding(mesh, P())
     x = jax.device_put(images((3, *ODD, 3)), replicated)
     variables = jax.device_put(variables, replicated)

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from fcn_unet_jax import checkpoint_manager, train
+from fcn_unet_jax import checkpointing, train
+from fcn_unet_jax import workdir as workdir_files
 from fcn_unet_jax.data import builders
 from tests import test_train
 
@@ -105,11 +106,11 @@ def test_two_processes_match_one_process(data_dir, tmp_path):
         test_train.train_losses(workdir), test_train.train_losses(reference), rtol=1e-4
     )
     test_train.assert_trees_close(
-        checkpoint_manager.restore_variables(str(workdir))['params'],
-        checkpoint_manager.restore_variables(str(reference))['params'],
+        checkpointing.restore_variables(str(workdir))['params'],
+        checkpointing.restore_variables(str(reference))['params'],
         rtol=1e-4,
         atol=1e-5,
     )
     # Only process 0 writes logs and results.
     assert len(test_train.read_log(workdir)) == len(test_train.read_log(reference))
-    assert (workdir / train.EVAL_RESULTS_FILE).exists()
+    assert (workdir / workdir_files.EVAL_RESULTS_FILE).exists()

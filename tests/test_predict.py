@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
-from test_train import REPO, tiny_config
 
 from fcn_unet_jax import inference, predict, train
+from fcn_unet_jax import workdir as workdir_files
 from fcn_unet_jax.data import builders
+from tests.test_train import REPO, tiny_config
 
 NUM_CLASSES = 4  # shapes: background, circle, rectangle, triangle.
 
@@ -41,7 +42,7 @@ def workdir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope='module')
 def palette(workdir) -> np.ndarray:
-    return predict.palette_of(predict.load_config(workdir))
+    return predict.palette_of(workdir_files.read_config(workdir))
 
 
 def _save(path, shape, mode='RGB', seed=0):
@@ -107,7 +108,7 @@ def test_large_image_in_sliding_mode(workdir, palette, tmp_path):
 
 
 def test_run_config_is_restored_and_overridden(workdir):
-    config = predict.load_config(workdir)
+    config = workdir_files.read_config(workdir)
     assert config.input.crop_size == (32, 32)  # JSON lists are tuples again.
     assert inference.InferenceSettings.from_config(config) == inference.InferenceSettings(
         windows_per_call=4

@@ -17,12 +17,12 @@ import tensorflow_datasets as tfds
 nibabel = pytest.importorskip('nibabel')
 pytest.importorskip('pydicom')
 
-from test_volumes import _dicom_series, _save_nifti  # noqa: E402
-
 from configs import unet_nifti  # noqa: E402
-from fcn_unet_jax import metrics, predict, predict_volume, train  # noqa: E402
+from fcn_unet_jax import metrics, predict_volume, train  # noqa: E402
+from fcn_unet_jax import workdir as workdir_files  # noqa: E402
 from fcn_unet_jax.data import builders, volume_io  # noqa: E402
 from fcn_unet_jax.data.builders import volumes  # noqa: E402
+from tests.data.test_volumes import _dicom_series, _save_nifti  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures('fast_compile')
 
@@ -137,7 +137,7 @@ def test_every_case_written_aligned_and_scored_corrupt_skipped(root, workdir, tm
 
 
 def test_same_slices_as_training(root, workdir):
-    config = predict.load_config(workdir)
+    config = workdir_files.read_config(workdir)
     builder = builders.get_builder(config.dataset)
     example = next(e for e in builder.as_data_source('validation') if e['slice_index'] == 3)
     image = volume_io.load_volume(_image_path(root, 'oblique'))

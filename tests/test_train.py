@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from configs import default
-from fcn_unet_jax import checkpoint_manager, models, optimizers, train
+from fcn_unet_jax import checkpointing, models, optimizers, sharding, train
+from fcn_unet_jax import workdir as workdir_files
 from fcn_unet_jax.data import input_pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,7 +64,7 @@ def tiny_config(data_dir: str, **overrides):
 
 
 def read_log(workdir) -> list[dict]:
-    with open(os.path.join(workdir, train.METRICS_LOG_FILE)) as f:
+    with open(os.path.join(workdir, workdir_files.METRICS_LOG_FILE)) as f:
         return [json.loads(line) for line in f]
 
 
@@ -72,7 +73,7 @@ def train_losses(workdir) -> list[float]:
 
 
 def saved_params(workdir):
-    return checkpoint_manager.restore_variables(str(workdir))['params']
+    return checkpointing.restore_variables(str(workdir))['params']
 
 
 def assert_trees_close(a, b, **tolerance):
@@ -93,13 +94,13 @@ def test_run_writes_everything(four_device_run):
     workdir, summaries = four_device_run
     assert summaries['step'] == 4 and not summaries['preempted']
     assert np.isfinite(summaries['train_loss'])
-    with open(workdir / train.EVAL_RESULTS_FILE) as f:
+    with open(workdir / workdir_files.EVAL_RESULTS_FILE) as f:
         report = json.load(f)
     assert report == summaries['eval']
     assert set(report['per_class_iou']) == {'background', 'circle', 'rectangle', 'triangle'}
     assert 0 <= report['mean_iou'] <= 1
     assert np.sum(report['confusion_matrix']) == 8 * 64 * 64  # Every real pixel, once.
-    assert json.loads((workdir / train.CONFIG_FILE).read_text())['model']['width'] == 0.0625
+    assert json.loads((workdir / workdir_files.CONFIG_FILE).read_text())['model']['width'] == 0.0625
     assert len(train_losses(workdir)) == 4
     assert list(os.listdir(workdir / 'checkpoints')) == ['4']
     assert any(name.startswith('events.out.tfevents') for name in os.listdir(workdir))
@@ -166,7 +167,7 @@ def test_nan_loss_names_the_step(data_dir, tmp_path):
 def test_init_from_previous_workdir(four_device_run, data_dir):
     workdir, _ = four_device_run
     config = tiny_config(data_dir, init_from=str(workdir))
-    mesh = train.create_mesh()
+    mesh = sharding.create_mesh()
     model = models.build_model(config.model)
     state, _, _ = train.create_train_state(config, model, mesh, jax.random.key(7))
     assert_trees_close(state.params, saved_params(workdir), rtol=0, atol=0)
@@ -184,7 +185,7 @@ def _synthetic_batch(size=36, batch=2, classes=4, seed=0):
 def _run_steps(config, steps=2):
     model = models.build_model(config.model)
     state, tx, schedule = train.create_train_state(
-        config, model, train.create_mesh(jax.devices()[:1]), jax.random.key(0)
+        config, model, sharding.create_mesh(jax.devices()[:1]), jax.random.key(0)
     )
     initial = jax.tree_util.tree_map(np.asarray, state)
     step = jax.jit(train.bind_train_step(config, model, tx, schedule))
@@ -263,7 +264,7 @@ def test_main_sigterm_saves_at_step_boundary_then_resumes_and_evaluates(
     process = subprocess.Popen(
         long_run, env=_env(fast_compile), cwd=REPO, stderr=subprocess.PIPE, text=True
     )
-    log = tmp_path / train.METRICS_LOG_FILE
+    log = tmp_path / workdir_files.METRICS_LOG_FILE
     deadline = time.time() + 120
     while not (log.exists() and len(log.read_text().splitlines()) >= 2):
         assert process.poll() is None, process.stderr.read()
@@ -273,13 +274,13 @@ def test_main_sigterm_saves_at_step_boundary_then_resumes_and_evaluates(
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr
     assert 'Stopped by SIGTERM' in stderr
-    steps = checkpoint_manager.CheckpointManager(str(tmp_path), keep=None).all_steps()
+    steps = checkpointing.CheckpointManager(str(tmp_path), keep=None).all_steps()
     assert len(steps) == 1 and 2 <= steps[0] < 100000
-    assert not (tmp_path / train.EVAL_RESULTS_FILE).exists()
+    assert not (tmp_path / workdir_files.EVAL_RESULTS_FILE).exists()
 
     finish = _main_command(tmp_path, data_dir, f'--config.num_train_steps={steps[0] + 1}')
     subprocess.run(finish, env=_env(fast_compile), cwd=REPO, check=True, capture_output=True)
-    report = json.loads((tmp_path / train.EVAL_RESULTS_FILE).read_text())
+    report = json.loads((tmp_path / workdir_files.EVAL_RESULTS_FILE).read_text())
     assert report['step'] == steps[0] + 1
 
     evaluate = _main_command(tmp_path, data_dir, '--mode=eval', '--split=validation[:4]')

@@ -35,7 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fcn_unet_jax.models import batch_norm, convolutions, layers
+from fcn_unet_jax import ops
+from fcn_unet_jax.models import layers
 from fcn_unet_jax.models.resnet import ResNet
 from fcn_unet_jax.models.vgg import FCN_CONV1_PAD, VGG16
 
@@ -63,7 +64,7 @@ def _fuse(x: Array, skip: Array, merge: str, name: str, dtype: Any) -> Array:
     """Merges a skip score into an upsampled score (in the calling module's scope)."""
     if merge == 'sum':
         return x + skip
-    return convolutions.Conv(
+    return ops.Conv(
         x.shape[-1],
         (1, 1),
         kernel_init=_sum_init,
@@ -75,7 +76,7 @@ def _fuse(x: Array, skip: Array, merge: str, name: str, dtype: Any) -> Array:
 
 def _score(x: Array, num_classes: int, name: str, dtype: Any) -> Array:
     """Zero-initialised 1x1 score conv with bias (FCN's `score_*` layers)."""
-    return convolutions.Conv(
+    return ops.Conv(
         num_classes,
         (1, 1),
         kernel_init=_zeros,
@@ -227,7 +228,7 @@ class FCNHead(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, *, train: bool) -> Array:
-        x = convolutions.Conv(
+        x = ops.Conv(
             max(1, x.shape[-1] // 4),
             (3, 3),
             padding=((1, 1), (1, 1)),
@@ -236,7 +237,7 @@ class FCNHead(nn.Module):
             param_dtype=jnp.float32,
             name='conv',
         )(x)
-        x = batch_norm.BatchNorm(
+        x = ops.BatchNorm(
             use_running_average=not train,
             momentum=0.9,
             epsilon=1e-5,
@@ -245,7 +246,7 @@ class FCNHead(nn.Module):
             name='bn',
         )(x)
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(nn.relu(x))
-        return convolutions.Conv(
+        return ops.Conv(
             self.num_classes, (1, 1), dtype=self.dtype, param_dtype=jnp.float32, name='out'
         )(x)
 

@@ -3,10 +3,10 @@
 Bilinear upsampling kernels (Caffe's `upsample_filt` / FCN `surgery.interp`), transposed
 convolutions that are either learnable (`params`) or frozen (the `frozen` collection),
 crops, resizes that match PyTorch's `F.interpolate`, channel scaling for the `width`
-multiplier, the compute-dtype table and rematerialisation of blocks.
+multiplier and the compute-dtype table.
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fcn_unet_jax.models import convolutions, recompute
+from fcn_unet_jax import ops
 
 Array = jax.Array
 
@@ -137,13 +137,11 @@ class BilinearUpsample(nn.Module):
             kernel = self.variable(
                 'frozen', 'kernel', lambda: bilinear_init(None, shape, jnp.float32)
             ).value
-        return convolutions.upsample_transposed(
-            x.astype(self.dtype), kernel.astype(self.dtype), self.factor
-        )
+        return ops.upsample_transposed(x.astype(self.dtype), kernel.astype(self.dtype), self.factor)
 
 
-class ConvReLU(convolutions.Conv):
-    """`convolutions.Conv` followed by ReLU, with the parameter names of a plain conv.
+class ConvReLU(ops.Conv):
+    """`ops.Conv` followed by ReLU, with the parameter names of a plain conv.
 
     Being a conv subclass (not a wrapper) keeps the flat reference names such as
     `backbone/conv1_1/kernel`, and makes the conv+ReLU pair a unit `nn.remat` can wrap.
@@ -177,25 +175,3 @@ def resize_bilinear(x: Array, size: tuple[int, int]) -> Array:
 def upsample_nearest2x(x: Array) -> Array:
     """Nearest-neighbour x2 upsampling (PyTorch `F.interpolate(scale_factor=2)`)."""
     return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-
-
-def maybe_remat(module_cls: type[nn.Module], remat: bool, **kwargs: Any) -> Callable[..., Any]:
-    """Returns `nn.remat(module_cls)` when `remat` is set, else the class itself.
-
-    Lifting keeps the module's name, so parameter paths do not depend on `remat`.
-    `kwargs` go to `nn.remat` (e.g. `static_argnums=(2,)` for a positional `train` flag).
-    The rematerialised module's first input passes through `recompute.keep_recomputation`, without
-    which XLA:CPU undoes the rematerialisation.
-    """
-    if not remat:
-        return module_cls
-
-    class Rematerialised(module_cls):
-        @nn.compact
-        def __call__(self, x, *args, **kwargs):
-            return super().__call__(recompute.keep_recomputation(x), *args, **kwargs)
-
-    # Flax names unnamed submodules after their class: keep the original's.
-    Rematerialised.__name__ = module_cls.__name__
-    Rematerialised.__qualname__ = module_cls.__qualname__
-    return nn.remat(Rematerialised, **kwargs)

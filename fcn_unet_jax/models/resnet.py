@@ -24,7 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fcn_unet_jax.models import batch_norm, convolutions, fusion_barrier, layers, pooling
+from fcn_unet_jax import ops
+from fcn_unet_jax.models import layers
 
 Array = jax.Array
 
@@ -52,7 +53,7 @@ class _Bottleneck(nn.Module):
 
         def conv(features, kernel, stride, dilation, name):
             pad = dilation * (kernel // 2)
-            return convolutions.Conv(
+            return ops.Conv(
                 features,
                 (kernel, kernel),
                 strides=(stride, stride),
@@ -66,7 +67,7 @@ class _Bottleneck(nn.Module):
             )
 
         def bn(name):
-            return batch_norm.BatchNorm(
+            return ops.BatchNorm(
                 use_running_average=not train,
                 momentum=0.9,  # PyTorch's momentum 0.1.
                 epsilon=_BN_EPS[self.variant],
@@ -86,7 +87,7 @@ class _Bottleneck(nn.Module):
         # The block output feeds the next block's matrix products and residual sum, the
         # decoder's skip convolutions and the backward pass's transposed copies; computed
         # once, each reads it instead of recomputing the stage's residual chain.
-        return fusion_barrier.materialize(nn.relu(out + x))
+        return ops.materialize(nn.relu(out + x))
 
 
 class ResNet(nn.Module):
@@ -128,8 +129,8 @@ class ResNet(nn.Module):
                 f'got {self.variant!r}.'
             )
         dtype = layers.compute_dtype(self.dtype)
-        block = layers.maybe_remat(_Bottleneck, self.remat, static_argnums=(2,))
-        x = convolutions.Conv(
+        block = ops.remat(_Bottleneck, self.remat, static_argnums=(2,))
+        x = ops.Conv(
             layers.scaled(64, self.width),
             (7, 7),
             strides=(2, 2),
@@ -140,7 +141,7 @@ class ResNet(nn.Module):
             param_dtype=jnp.float32,
             name='conv1',
         )(x.astype(dtype))
-        x = batch_norm.BatchNorm(
+        x = ops.BatchNorm(
             use_running_average=not train,
             momentum=0.9,
             epsilon=_BN_EPS[self.variant],
@@ -151,7 +152,7 @@ class ResNet(nn.Module):
         x = nn.relu(x)
         features = {2: x}
         # Padding with -inf (torchvision) equals Keras' zero padding here: inputs are >= 0.
-        x = pooling.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
+        x = ops.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
         in_channels = x.shape[-1]
         dilation = 1
         for layer, n_blocks in enumerate(RESNET_LAYERS[self.depth], start=1):

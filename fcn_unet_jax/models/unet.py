@@ -34,8 +34,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fcn_unet_jax.models import convolutions, layers, pooling
-from fcn_unet_jax.models.batch_norm import BatchNorm
+from fcn_unet_jax import ops
+from fcn_unet_jax.models import layers
 from fcn_unet_jax.models.resnet import ResNet
 from fcn_unet_jax.models.vgg import VGG16
 
@@ -152,7 +152,7 @@ def _double_conv(
 ) -> Array:
     """Two 3x3 convs + ReLU (optionally BN), created in the calling module's scope."""
     for i in (1, 2):
-        x = convolutions.Conv(
+        x = ops.Conv(
             features,
             (3, 3),
             padding=padding,
@@ -163,7 +163,7 @@ def _double_conv(
             name=f'conv{i}',
         )(x)
         if batch_norm:
-            x = BatchNorm(
+            x = ops.BatchNorm(
                 use_running_average=not train,
                 momentum=0.9,
                 dtype=dtype,
@@ -199,7 +199,7 @@ class _UNetUpLevel(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, skip: Array | None, size: tuple[int, int], train: bool) -> Array:
-        x = convolutions.ConvTranspose(
+        x = ops.ConvTranspose(
             self.features,
             (2, 2),
             strides=(2, 2),
@@ -257,8 +257,8 @@ class UNet(nn.Module):
         if self.padding == 'VALID':
             for side in images.shape[1:3]:
                 unet_output_size(side, UNET_DEPTH)  # Raises a clear error at trace time.
-        level = layers.maybe_remat(_UNetLevel, self.remat, static_argnums=(2,))
-        up_level = layers.maybe_remat(_UNetUpLevel, self.remat, static_argnums=(3, 4))
+        level = ops.remat(_UNetLevel, self.remat, static_argnums=(2,))
+        up_level = ops.remat(_UNetUpLevel, self.remat, static_argnums=(3, 4))
         dropout = nn.Dropout(self.dropout_rate, deterministic=not train)
         merge_skips = self.merge != 'none'
 
@@ -274,7 +274,7 @@ class UNet(nn.Module):
                 stride = 2 ** (k - 1)
                 skips[stride], sizes[stride] = x, x.shape[1:3]
                 # SAME: odd sizes round up; VALID sizes were checked to be even here.
-                x = pooling.max_pool_2x2(x, ceil_mode=True)
+                x = ops.max_pool_2x2(x, ceil_mode=True)
         for k in range(UNET_DEPTH, 0, -1):
             stride = 2 ** (k - 1)
             features = layers.scaled(UNET_CHANNELS * 2 ** (k - 1), self.width)
@@ -282,7 +282,7 @@ class UNet(nn.Module):
             x = up_level(features, self.padding, self.batch_norm, self.merge, dtype, name=f'up{k}')(
                 x, skip, sizes[stride], train
             )
-        x = convolutions.Conv(
+        x = ops.Conv(
             self.num_classes,
             (1, 1),
             kernel_init=nn.initializers.he_normal(),
@@ -297,7 +297,7 @@ class _DecoderBlock(nn.Module):
     """smp `UnetDecoderBlock`: nearest x2, merge skip, two conv3x3-BN-ReLU.
 
     Unless a skip is added to the upsampled tensor (`merge='sum'`), the first conv reads
-    the block's input before upsampling (`convolutions.UpsampledConcatConv`): neither the
+    the block's input before upsampling (`ops.UpsampledConcatConv`): neither the
     upsampled tensor nor the concatenation is formed, with the same parameters and
     function.
     """
@@ -316,7 +316,7 @@ class _DecoderBlock(nn.Module):
             x = layers.upsample_nearest2x(x)
         if skip is not None and not merged_in_conv:
             if self.merge == 'sum':
-                skip = convolutions.Conv(
+                skip = ops.Conv(
                     x.shape[-1],
                     (1, 1),
                     use_bias=False,
@@ -335,12 +335,10 @@ class _DecoderBlock(nn.Module):
                 'name': f'conv{i}',
             }
             if i == 1 and merged_in_conv:
-                x = convolutions.UpsampledConcatConv(self.features, (3, 3), **conv_options)(x, skip)
+                x = ops.UpsampledConcatConv(self.features, (3, 3), **conv_options)(x, skip)
             else:
-                x = convolutions.Conv(
-                    self.features, (3, 3), padding=((1, 1), (1, 1)), **conv_options
-                )(x)
-            x = BatchNorm(
+                x = ops.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), **conv_options)(x)
+            x = ops.BatchNorm(
                 use_running_average=not train,
                 momentum=0.9,
                 epsilon=1e-5,
@@ -364,7 +362,7 @@ class _Decoder(nn.Module):
 
     @nn.compact
     def __call__(self, features: dict[int, Array], train: bool) -> Array:
-        block = layers.maybe_remat(_DecoderBlock, self.remat, static_argnums=(3,))
+        block = ops.remat(_DecoderBlock, self.remat, static_argnums=(3,))
         x = features[32]
         if self.center:
             x = block(x.shape[-1], self.merge, False, self.dtype, name='center')(x, None, train)
@@ -437,7 +435,7 @@ class EncoderUNet(nn.Module):
             dtype=dtype,
             name='decoder',
         )(features, train)
-        x = convolutions.Conv(
+        x = ops.Conv(
             self.num_classes,
             (3, 3),
             padding=((1, 1), (1, 1)),

@@ -16,7 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fcn_unet_jax.models import layers, pooling
+from fcn_unet_jax import ops
+from fcn_unet_jax.models import layers
 
 Array = jax.Array
 
@@ -62,7 +63,7 @@ class VGG16(nn.Module):
           32: pool5}; all after ReLU.
         """
         dtype = layers.compute_dtype(self.dtype)
-        conv = layers.maybe_remat(layers.ConvReLU, self.remat)
+        conv = ops.remat(layers.ConvReLU, self.remat)
         x = x.astype(dtype)
         features = {}
         for b, (n_convs, channels) in enumerate(VGG16_BLOCKS, start=1):
@@ -80,7 +81,7 @@ class VGG16(nn.Module):
             stride = 2 ** (b - 1)
             if not self.fcn:
                 features[stride] = x
-            x = pooling.max_pool_2x2(x, ceil_mode=self.fcn)
+            x = ops.max_pool_2x2(x, ceil_mode=self.fcn)
             if self.fcn and b < len(VGG16_BLOCKS):
                 features[2 * stride] = x
         if not self.fcn:

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fcn_unet_jax.models import kernel_gradient, recompute
+from fcn_unet_jax.ops import kernel_gradient, xla_cpu
 
 Array = jax.Array
 
@@ -421,7 +421,7 @@ def _transformed_vjp(x, kernel, dy, *, dilation, padding, precision):
     # would otherwise keep alive from forward to backward (the VGG16 U-Net's 512 x 512
     # layers, measured before the map floor left only its two at 40 x 40 transformed:
     # 160 MB).
-    x, kernel = recompute.keep_recomputation(x), recompute.keep_recomputation(kernel)
+    x, kernel = xla_cpu.keep_recomputation(x), xla_cpu.keep_recomputation(kernel)
     u = kernel_transform(kernel, geometry.m)
     dm = output_transform_transpose(dy, geometry)
     du, dx = [], []

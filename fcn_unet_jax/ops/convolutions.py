@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fcn_unet_jax.models import kernel_gradient, winograd
+from fcn_unet_jax.ops import kernel_gradient, winograd
 
 Array = jax.Array
 

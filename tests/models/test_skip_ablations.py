@@ -11,9 +11,16 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
-from test_models import abstract_apply, abstract_init, count, make_config, random_variables, run
 
 from fcn_unet_jax import models
+from tests.models.test_models import (
+    abstract_apply,
+    abstract_init,
+    count,
+    make_config,
+    random_variables,
+    run,
+)
 
 pytestmark = pytest.mark.usefixtures('fast_compiles')
 

@@ -14,7 +14,7 @@ Typical use:
 
 or, once, on the command line (the trainer then starts from `config.init_from=DIR`):
 
-    python -m fcn_unet_jax.checkpoints --input=resnet50.pth --model=fcn_resnet50 --output=DIR
+    python -m fcn_unet_jax.weights.convert --input=resnet50.pth --model=fcn_resnet50 --output=DIR
 
 Nothing here downloads anything: every file is given by the user.
 """
@@ -912,7 +912,7 @@ def _import_file(
     raise ValueError(f"Unknown weights source {source!r}: 'torchvision' or 'keras'.")
 
 
-def convert(
+def convert_file(
     input_path: str | os.PathLike[str],
     model_name: str,
     output_dir: str | os.PathLike[str],
@@ -1005,7 +1005,7 @@ def load_pretrained(
         if not is_pretrained_checkpoint(path):
             raise FileNotFoundError(
                 f'{path!r} is not a converted pretrained checkpoint (no {_METADATA_FILE}); create '
-                'one with `python -m fcn_unet_jax.checkpoints`.'
+                'one with `python -m fcn_unet_jax.weights.convert`.'
             )
         with open(metadata_path) as f:
             metadata = json.load(f)
@@ -1027,7 +1027,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     # argparse, not absl flags: module-level absl flags would be defined by every import of
     # this library module and clash with the --input/--output of fcn_unet_jax.predict.
     parser = argparse.ArgumentParser(
-        prog='python -m fcn_unet_jax.checkpoints',
+        prog='python -m fcn_unet_jax.weights.convert',
         description='Convert torchvision / smp / Keras weights into an orbax checkpoint.',
     )
     parser.add_argument(
@@ -1040,7 +1040,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.set_verbosity(logging.INFO)
     try:
-        convert(
+        convert_file(
             args.input, args.model, args.output, num_classes=args.num_classes, source=args.source
         )
     except (WeightImportError, ValueError, FileNotFoundError, FileExistsError, ImportError) as e:

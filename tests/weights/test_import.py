@@ -1,4 +1,4 @@
-"""Tests for fcn_unet_jax.checkpoints without PyTorch.
+"""Tests for fcn_unet_jax.weights without PyTorch.
 
 Covers the file readers (npz, safetensors, every Keras HDF5 layout), the error report for
 wrong or partial weights, the fit of converted variables into the real models (checked
@@ -24,11 +24,12 @@ import pytest
 from safetensors.numpy import save_file
 
 from configs import default
-from fcn_unet_jax import checkpoints, models, train
+from fcn_unet_jax import models, train, weights
 from fcn_unet_jax.models.resnet import ResNet
 from fcn_unet_jax.models.vgg import VGG16
+from fcn_unet_jax.weights import convert as convert_cli
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 RESNET_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 
 
@@ -142,7 +143,7 @@ def test_npz_and_safetensors_round_trip(tmp_path):
     np.savez(tmp_path / 'w.npz', **state)
     save_file(state, str(tmp_path / 'w.safetensors'))
     for name in ('w.npz', 'w.safetensors'):
-        loaded = checkpoints.load_state_dict(tmp_path / name)
+        loaded = weights.load_state_dict(tmp_path / name)
         # DataParallel's `module.` prefix is removed.
         assert sorted(loaded) == ['bn1.running_var', 'conv1.weight']
         for key, value in state.items():
@@ -154,15 +155,15 @@ def test_pth_without_torch_says_what_to_do(tmp_path, monkeypatch):
     path.write_bytes(b'not read')
     monkeypatch.setitem(sys.modules, 'torch', None)  # `import torch` now fails.
     with pytest.raises(ImportError, match=r'pip install torch.*\.npz.*\.safetensors'):
-        checkpoints.load_state_dict(path)
+        weights.load_state_dict(path)
 
 
 def test_unreadable_files(tmp_path):
     with pytest.raises(FileNotFoundError, match='nope.npz'):
-        checkpoints.load_state_dict(tmp_path / 'nope.npz')
+        weights.load_state_dict(tmp_path / 'nope.npz')
     (tmp_path / 'weights.txt').write_text('')
     with pytest.raises(ValueError, match='Unsupported weights file'):
-        checkpoints.load_state_dict(tmp_path / 'weights.txt')
+        weights.load_state_dict(tmp_path / 'weights.txt')
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,7 +172,7 @@ def test_unreadable_files(tmp_path):
 
 
 def test_resnet_backbone_mapping(resnet50_state):
-    pretrained = checkpoints.from_torchvision(resnet50_state, 'fcn_resnet50')
+    pretrained = weights.from_torchvision(resnet50_state, 'fcn_resnet50')
     # A backbone-only import: the ImageNet classifier `fc` has no place in the model.
     assert {c: list(t) for c, t in pretrained.items()} == {
         'params': ['backbone'],
@@ -191,8 +192,8 @@ def test_resnet_backbone_mapping(resnet50_state):
 
 @pytest.mark.parametrize('model_name', ['fcn_resnet50', 'fcn8s_resnet50', 'unet_resnet50'])
 def test_resnet_backbone_fits_every_resnet50_model(resnet50_state, model_name):
-    pretrained = checkpoints.from_torchvision(resnet50_state, model_name)
-    merged = checkpoints.merge_pretrained(_abstract_variables(model_name), pretrained)
+    pretrained = weights.from_torchvision(resnet50_state, model_name)
+    merged = weights.merge_pretrained(_abstract_variables(model_name), pretrained)
     unfilled = _unfilled(merged)
     assert unfilled, 'the head keeps its initialisation'
     assert not [p for p in unfilled if 'backbone' in p]
@@ -200,9 +201,9 @@ def test_resnet_backbone_fits_every_resnet50_model(resnet50_state, model_name):
 
 def test_fcn_checkpoint_full_import_and_new_classes():
     state = _torchvision_fcn(num_classes=21)
-    pretrained = checkpoints.from_torchvision(state, 'fcn_resnet50')
+    pretrained = weights.from_torchvision(state, 'fcn_resnet50')
     # Every variable of the model comes from the checkpoint, aux head included.
-    merged = checkpoints.merge_pretrained(
+    merged = weights.merge_pretrained(
         _abstract_variables('fcn_resnet50', aux_head=True), pretrained
     )
     assert _unfilled(merged) == []
@@ -211,19 +212,19 @@ def test_fcn_checkpoint_full_import_and_new_classes():
         state['aux_classifier.4.weight'].transpose(2, 3, 1, 0),
     )
     # A model built without the aux head drops it.
-    merged = checkpoints.merge_pretrained(_abstract_variables('fcn_resnet50'), pretrained)
+    merged = weights.merge_pretrained(_abstract_variables('fcn_resnet50'), pretrained)
     assert 'aux_classifier' not in merged['params'] and _unfilled(merged) == []
 
     # Another label set: keeping the 21-class output layer is a shape error with a hint ...
-    with pytest.raises(checkpoints.WeightImportError, match='num_classes') as error:
-        checkpoints.merge_pretrained(_abstract_variables('fcn_resnet50', num_classes=5), pretrained)
+    with pytest.raises(weights.WeightImportError, match='num_classes') as error:
+        weights.merge_pretrained(_abstract_variables('fcn_resnet50', num_classes=5), pretrained)
     assert ('params/classifier/out/kernel', (1, 1, 512, 5), (1, 1, 512, 21)) in (
         error.value.mismatched
     )
     # ... and converting with num_classes leaves the output layers to the model's init.
-    pretrained = checkpoints.from_torchvision(state, 'fcn_resnet50', num_classes=5)
+    pretrained = weights.from_torchvision(state, 'fcn_resnet50', num_classes=5)
     assert 'out' not in pretrained['params']['classifier']
-    merged = checkpoints.merge_pretrained(
+    merged = weights.merge_pretrained(
         _abstract_variables('fcn_resnet50', num_classes=5), pretrained
     )
     assert sorted(_unfilled(merged)) == [
@@ -237,8 +238,8 @@ def test_partial_state_dict_lists_every_problem(resnet50_state, tmp_path):
     del state['layer3.2.conv1.weight']
     state['layer5.0.conv1.weight'] = np.zeros((1, 1, 1, 1), 'f4')
     state['layer1.0.bn1.running_var'] = np.ones(65, 'f4')
-    with pytest.raises(checkpoints.WeightImportError) as error:
-        checkpoints.from_torchvision(state, 'fcn8s_resnet50')
+    with pytest.raises(weights.WeightImportError) as error:
+        weights.from_torchvision(state, 'fcn8s_resnet50')
     assert error.value.missing == ['layer3.2.conv1.weight']
     assert error.value.unexpected == ['layer5.0.conv1.weight']
     assert error.value.mismatched == [('layer1.0.bn1.running_var', (64,), (65,))]
@@ -246,28 +247,28 @@ def test_partial_state_dict_lists_every_problem(resnet50_state, tmp_path):
     # Read from a file, the error names the file.
     path = tmp_path / 'broken.npz'
     np.savez(path, **state)
-    with pytest.raises(checkpoints.WeightImportError, match='broken.npz'):
-        checkpoints.load_pretrained(path, model_name='fcn8s_resnet50')
+    with pytest.raises(weights.WeightImportError, match='broken.npz'):
+        weights.load_pretrained(path, model_name='fcn8s_resnet50')
 
 
 def test_wrong_architecture_is_named():
-    with pytest.raises(checkpoints.WeightImportError, match='ResNet-101') as error:
-        checkpoints.from_torchvision(_torchvision_resnet(101), 'fcn_resnet50')
+    with pytest.raises(weights.WeightImportError, match='ResNet-101') as error:
+        weights.from_torchvision(_torchvision_resnet(101), 'fcn_resnet50')
     assert 'layer3.22.conv1.weight' in error.value.unexpected
     vgg = {'features.0.weight': np.zeros((64, 3, 3, 3), 'f4')}
-    with pytest.raises(checkpoints.WeightImportError, match='VGG.*resnet50 encoder'):
-        checkpoints.from_torchvision(vgg, 'unet_resnet50')
+    with pytest.raises(weights.WeightImportError, match='VGG.*resnet50 encoder'):
+        weights.from_torchvision(vgg, 'unet_resnet50')
     with pytest.raises(ValueError, match="No pretrained weights can initialise model 'unet'"):
-        checkpoints.from_torchvision(vgg, 'unet')
+        weights.from_torchvision(vgg, 'unet')
 
 
 def test_merge_reports_missing_backbone_leaves(resnet50_state):
-    pretrained = checkpoints.from_torchvision(resnet50_state, 'fcn_resnet50')
+    pretrained = weights.from_torchvision(resnet50_state, 'fcn_resnet50')
     del pretrained['params']['backbone']['layer4_2']['conv3']
     abstract = _abstract_variables('fcn_resnet50')
-    with pytest.raises(checkpoints.WeightImportError, match='layer4_2/conv3/kernel'):
-        checkpoints.merge_pretrained(abstract, pretrained)
-    merged = checkpoints.merge_pretrained(abstract, pretrained, strict_backbone=False)
+    with pytest.raises(weights.WeightImportError, match='layer4_2/conv3/kernel'):
+        weights.merge_pretrained(abstract, pretrained)
+    merged = weights.merge_pretrained(abstract, pretrained, strict_backbone=False)
     assert "['params']['backbone']['layer4_2']['conv3']['kernel']" in _unfilled(merged)
 
 
@@ -280,7 +281,7 @@ def test_cli_converts_to_an_orbax_checkpoint(resnet50_state, tmp_path):
     source = tmp_path / 'resnet50.safetensors'
     save_file(resnet50_state, str(source))
     output = tmp_path / 'converted'
-    command = [sys.executable, '-m', 'fcn_unet_jax.checkpoints', f'--input={source}']
+    command = [sys.executable, '-m', 'fcn_unet_jax.weights.convert', f'--input={source}']
     command += ['--model=fcn_resnet50', f'--output={output}', '--num_classes=21']
     subprocess.run(command, check=True, capture_output=True, cwd=REPO_ROOT)
 
@@ -289,23 +290,23 @@ def test_cli_converts_to_an_orbax_checkpoint(resnet50_state, tmp_path):
     assert metadata['model'] == 'fcn_resnet50'
     assert metadata['imported'] == 'backbone'
     assert metadata['skipped'] == ['fc.bias', 'fc.weight']
-    assert checkpoints.is_pretrained_checkpoint(output)
-    assert not checkpoints.is_pretrained_checkpoint(tmp_path)
-    restored = checkpoints.load_pretrained(output, model_name='fcn_resnet50')
-    expected = checkpoints.from_torchvision(resnet50_state, 'fcn_resnet50')
+    assert weights.is_pretrained_checkpoint(output)
+    assert not weights.is_pretrained_checkpoint(tmp_path)
+    restored = weights.load_pretrained(output, model_name='fcn_resnet50')
+    expected = weights.from_torchvision(resnet50_state, 'fcn_resnet50')
     jax.tree.map(np.testing.assert_array_equal, restored, expected)
     # The same file converted on the fly gives the same variables.
-    direct = checkpoints.load_pretrained(source, model_name='fcn_resnet50')
+    direct = weights.load_pretrained(source, model_name='fcn_resnet50')
     jax.tree.map(np.testing.assert_array_equal, direct, expected)
 
     with pytest.raises(FileNotFoundError, match='not a converted pretrained checkpoint'):
-        checkpoints.load_pretrained(tmp_path)
+        weights.load_pretrained(tmp_path)
     with pytest.raises(ValueError, match='needs model_name'):
-        checkpoints.load_pretrained(source)
+        weights.load_pretrained(source)
     with pytest.raises(ValueError, match="for model 'fcn_resnet50'.*builds 'fcn_resnet101'"):
-        checkpoints.load_pretrained(output, model_name='fcn_resnet101')
+        weights.load_pretrained(output, model_name='fcn_resnet101')
     with pytest.raises(SystemExit) as exit_info:
-        checkpoints.main([f'--input={source}', '--model=fcn_resnet50', f'--output={output}'])
+        convert_cli.main([f'--input={source}', '--model=fcn_resnet50', f'--output={output}'])
     assert exit_info.value.code == 1
 
 
@@ -380,21 +381,21 @@ def test_keras_vgg16_parity_in_every_layout(tmp_path):
     x = np.random.default_rng(1).normal(size=(2, 64, 64, 3)).astype('f4')
     reference = model.predict(x, verbose=0)  # block5_pool
     paths = _save_all_layouts(model, tmp_path)
-    pretrained = checkpoints.from_keras(paths['keras3'], 'unet_vgg16')
+    pretrained = weights.from_keras(paths['keras3'], 'unet_vgg16')
     for layout in ('save_h5', 'keras_archive', 'applications'):
-        other = checkpoints.from_keras(paths[layout], 'unet_vgg16')
+        other = weights.from_keras(paths[layout], 'unet_vgg16')
         jax.tree.map(np.testing.assert_array_equal, other, pretrained)
     diff = assert_relative_close(_run_encoder(VGG16(fcn=False), pretrained, x), reference)
     print('Keras VGG16 block5_pool: relative max diff', diff)
 
-    merged = checkpoints.merge_pretrained(_abstract_variables('unet_vgg16'), pretrained)
+    merged = weights.merge_pretrained(_abstract_variables('unet_vgg16'), pretrained)
     assert not [p for p in _unfilled(merged) if 'backbone' in p]
     # A "notop" file has no fc6/fc7: FCN-VGG models need strict_backbone=False for it.
-    fcn_pretrained = checkpoints.from_keras(paths['applications'], 'fcn8s_vgg16')
+    fcn_pretrained = weights.from_keras(paths['applications'], 'fcn8s_vgg16')
     abstract = _abstract_variables('fcn8s_vgg16')
-    with pytest.raises(checkpoints.WeightImportError, match='fc6/fc7'):
-        checkpoints.merge_pretrained(abstract, fcn_pretrained)
-    merged = checkpoints.merge_pretrained(abstract, fcn_pretrained, strict_backbone=False)
+    with pytest.raises(weights.WeightImportError, match='fc6/fc7'):
+        weights.merge_pretrained(abstract, fcn_pretrained)
+    merged = weights.merge_pretrained(abstract, fcn_pretrained, strict_backbone=False)
     assert {p for p in _unfilled(merged) if 'backbone' in p} == {
         f"['params']['backbone']['{fc}']['{leaf}']"
         for fc in ('fc6', 'fc7')
@@ -422,9 +423,9 @@ def test_keras_resnet50_parity(tmp_path):
     x = np.random.default_rng(1).normal(size=(2, 64, 64, 3)).astype('f4')
     reference = model.predict(x, verbose=0)  # conv5_block3_out
     paths = _save_all_layouts(model, tmp_path, rename=_keras22_resnet_name)
-    pretrained = checkpoints.from_keras(paths['keras3'], 'fcn_resnet50')
+    pretrained = weights.from_keras(paths['keras3'], 'fcn_resnet50')
     for layout in ('save_h5', 'applications'):
-        other = checkpoints.from_keras(paths[layout], 'fcn_resnet50')
+        other = weights.from_keras(paths[layout], 'fcn_resnet50')
         jax.tree.map(np.testing.assert_array_equal, other, pretrained)
     ours = _run_encoder(ResNet(depth=50, variant='caffe'), pretrained, x)
     diff = assert_relative_close(ours, reference)
@@ -432,12 +433,12 @@ def test_keras_resnet50_parity(tmp_path):
 
     for name in ('fcn_resnet50', 'fcn8s_resnet50', 'unet_resnet50'):
         abstract = _abstract_variables(name, resnet_variant='caffe')
-        merged = checkpoints.merge_pretrained(abstract, pretrained)
+        merged = weights.merge_pretrained(abstract, pretrained)
         assert not [p for p in _unfilled(merged) if 'backbone' in p]
-    with pytest.raises(checkpoints.WeightImportError, match="resnet_variant='caffe'"):
-        checkpoints.merge_pretrained(_abstract_variables('fcn_resnet50'), pretrained)
-    with pytest.raises(checkpoints.WeightImportError, match='holds a Keras ResNet50'):
-        checkpoints.from_keras(paths['keras3'], 'unet_vgg16')
+    with pytest.raises(weights.WeightImportError, match="resnet_variant='caffe'"):
+        weights.merge_pretrained(_abstract_variables('fcn_resnet50'), pretrained)
+    with pytest.raises(weights.WeightImportError, match='holds a Keras ResNet50'):
+        weights.from_keras(paths['keras3'], 'unet_vgg16')
 
 
 @pytest.mark.slow
@@ -475,8 +476,8 @@ def test_keras_vgg16_fc_layers_become_fc6_fc7(tmp_path):
     for kernel, bias in fc.values():
         reference = np.maximum(reference @ kernel + bias.astype('f4'), 0)
 
-    pretrained = checkpoints.from_keras(tmp_path / 'vgg16.h5', 'fcn32s_vgg16')
-    merged = checkpoints.merge_pretrained(_abstract_variables('fcn32s_vgg16'), pretrained)
+    pretrained = weights.from_keras(tmp_path / 'vgg16.h5', 'fcn32s_vgg16')
+    merged = weights.merge_pretrained(_abstract_variables('fcn32s_vgg16'), pretrained)
     assert not [p for p in _unfilled(merged) if 'backbone' in p]
     params = pretrained['params']['backbone']
     fc6 = nn.Conv(4096, (7, 7), padding='VALID').apply({'params': params['fc6']}, features)
@@ -489,7 +490,7 @@ def test_trainer_init_from_a_converted_checkpoint(resnet50_state, tmp_path):
     source = tmp_path / 'resnet50.npz'
     np.savez(source, **resnet50_state)
     converted = tmp_path / 'converted'
-    checkpoints.convert(source, 'fcn8s_resnet50', converted)
+    weights.convert_file(source, 'fcn8s_resnet50', converted)
     config = default.get_config()
     config.model.name = 'fcn8s_resnet50'
     config.model.num_classes = 21
@@ -498,7 +499,7 @@ def test_trainer_init_from_a_converted_checkpoint(resnet50_state, tmp_path):
 
     merged = train.init_from(config, initial)
 
-    expected = checkpoints.from_torchvision(resnet50_state, 'fcn8s_resnet50')
+    expected = weights.from_torchvision(resnet50_state, 'fcn8s_resnet50')
     jax.tree.map(np.testing.assert_array_equal, _backbone(merged), _backbone(expected))
     # The score layers are not in an ImageNet backbone: they keep their initialisation.
     assert not any('backbone' in path for path in _unfilled(merged))

@@ -1,8 +1,8 @@
 """Tests of experiments/replicate.py and of the run_info.json that train.py writes.
 
 Most tests write fake run directories with the files train.py writes (config.json from the
-real recipe configs, eval_results.json through `train.eval_report`, run_info.json from
-`train.run_info`), so no training is needed; one tiny real run on `shapes/small` checks that
+real recipe configs, eval_results.json through `workdir_files.eval_report`, run_info.json from
+`workdir_files.run_info`), so no training is needed; one tiny real run on `shapes/small` checks that
 `train_and_evaluate` writes run_info.json, continues it when rerun, and that the table
 reads it.
 """
@@ -25,6 +25,7 @@ from configs import (
 )
 from experiments import replicate
 from fcn_unet_jax import metrics, train
+from fcn_unet_jax import workdir as workdir_files
 
 
 def _confusion(num_classes: int, correct: int, wrong: int) -> np.ndarray:
@@ -51,15 +52,15 @@ def write_run(
     step = config.num_train_steps if step is None else step
     result = metrics.scores(_confusion(config.model.num_classes, correct, wrong))
     names = [f'class{i}' for i in range(config.model.num_classes)]
-    report = train.eval_report(result, names, step, config.dataset.eval_split)
+    report = workdir_files.eval_report(result, names, step, config.dataset.eval_split)
     if 'config' in files:
-        train.write_json(workdir / train.CONFIG_FILE, config.to_dict())
+        workdir_files.write_json(workdir / workdir_files.CONFIG_FILE, config.to_dict())
     if 'eval' in files:
-        train.write_json(workdir / train.EVAL_RESULTS_FILE, report)
+        workdir_files.write_json(workdir / workdir_files.EVAL_RESULTS_FILE, report)
     if 'run_info' in files:
-        content = train.run_info(config) | {'start_step': 0, 'end_step': step}
+        content = workdir_files.run_info(config) | {'start_step': 0, 'end_step': step}
         content |= {'wall_seconds': 7200.0} | (info or {})
-        train.write_json(workdir / train.RUN_INFO_FILE, content)
+        workdir_files.write_json(workdir / workdir_files.RUN_INFO_FILE, content)
     return report
 
 
@@ -193,13 +194,13 @@ def test_incomplete_runs_are_skipped_or_refused(tmp_path):
 
 def test_run_info_describes_the_mesh():
     config = default.get_config()
-    info = train.run_info(config, jax.devices()[:2])
+    info = workdir_files.run_info(config, jax.devices()[:2])
     assert info['platform'] == 'cpu' and info['device_kind'] == 'cpu'
     assert info['device_count'] == 2 and info['local_device_count'] == 2
     assert info['process_count'] == 1
     assert info['global_batch_size'] == config.batch_size
     assert info['jax_version'] == jax.__version__ and info['flax_version']
-    assert train.run_info(config)['device_count'] == jax.device_count()
+    assert workdir_files.run_info(config)['device_count'] == jax.device_count()
 
 
 @pytest.mark.usefixtures('fast_compile')
@@ -218,7 +219,7 @@ def test_train_and_evaluate_writes_run_info(shapes_small_data_dir, tmp_path):
     workdir = tmp_path / 'run'
     summaries = train.train_and_evaluate(config, str(workdir), devices=jax.devices()[:2])
 
-    info = json.loads((workdir / train.RUN_INFO_FILE).read_text())
+    info = json.loads((workdir / workdir_files.RUN_INFO_FILE).read_text())
     assert info == summaries['run_info']
     assert info['device_count'] == 2 and info['global_batch_size'] == 2
     assert info['start_step'] == 0 and info['end_step'] == 1 and info['wall_seconds'] > 0
@@ -232,7 +233,9 @@ def test_train_and_evaluate_writes_run_info(shapes_small_data_dir, tmp_path):
     assert again['start_step'] == 0 and again['end_step'] == 1
     assert again['wall_seconds'] > info['wall_seconds']
     # Other hardware than the record's: the time before cannot be added, the record restarts.
-    (workdir / train.RUN_INFO_FILE).write_text(json.dumps(again | {'device_kind': 'TPU v4'}))
+    (workdir / workdir_files.RUN_INFO_FILE).write_text(
+        json.dumps(again | {'device_kind': 'TPU v4'})
+    )
     other = train.train_and_evaluate(config, str(workdir), devices=jax.devices()[:2])['run_info']
     assert other['start_step'] == 1 and other['wall_seconds'] < again['wall_seconds']
     assert replicate.replication_row(str(workdir))['notes'] == ['resumed at step 1']

@@ -9,7 +9,7 @@ import optax
 import pytest
 from absl.testing import absltest
 
-from fcn_unet_jax import checkpoint_manager
+from fcn_unet_jax import checkpointing
 
 
 def _state(value: float):
@@ -37,7 +37,7 @@ def _damage(directory):
 
 @pytest.fixture
 def manager(tmp_path):
-    manager = checkpoint_manager.CheckpointManager(str(tmp_path), keep=2)
+    manager = checkpointing.CheckpointManager(str(tmp_path), keep=2)
     for step in (1, 2, 3):
         manager.save(step, _state(step))
     manager.wait_until_finished()
@@ -63,7 +63,7 @@ def test_saving_an_existing_step_is_a_no_op(manager):
 
 def test_damaged_latest_falls_back_with_warning(manager, tmp_path):
     _damage(manager.directory / '3')
-    with absltest.mock.patch.object(checkpoint_manager.logging, 'warning') as warning:
+    with absltest.mock.patch.object(checkpointing.logging, 'warning') as warning:
         state, step = manager.restore_latest(_abstract(_state(0)))
     assert step == 2
     np.testing.assert_array_equal(state['params']['conv']['kernel'], 2.0)
@@ -72,7 +72,7 @@ def test_damaged_latest_falls_back_with_warning(manager, tmp_path):
     # The damaged step is set aside, so saving step 3 again works and keep-N counts the
     # good steps only.
     assert manager.all_steps() == [2]
-    assert (tmp_path / checkpoint_manager.DAMAGED_SUBDIR / '3').exists()
+    assert (tmp_path / checkpointing.DAMAGED_SUBDIR / '3').exists()
     manager.save(3, _state(3))
     manager.save(4, _state(4))
     manager.wait_until_finished()
@@ -86,18 +86,18 @@ def test_all_damaged_restores_nothing(manager):
 
 
 def test_restore_variables_of_a_workdir(manager, tmp_path):
-    variables = checkpoint_manager.restore_variables(str(tmp_path))
+    variables = checkpointing.restore_variables(str(tmp_path))
     assert set(variables) == {'params', 'batch_stats'}
     np.testing.assert_array_equal(variables['params']['conv']['bias'], 3.0)
     with pytest.raises(FileNotFoundError):
-        checkpoint_manager.restore_variables(str(tmp_path / 'missing'))
+        checkpointing.restore_variables(str(tmp_path / 'missing'))
 
 
 def test_relative_workdir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    manager = checkpoint_manager.CheckpointManager('relative/workdir', keep=1)
+    manager = checkpointing.CheckpointManager('relative/workdir', keep=1)
     manager.save(5, _state(5))
     manager.close()
     assert (tmp_path / 'relative/workdir/checkpoints/5').is_dir()
-    variables = checkpoint_manager.restore_variables('relative/workdir')
+    variables = checkpointing.restore_variables('relative/workdir')
     np.testing.assert_array_equal(variables['params']['conv']['kernel'], 5.0)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fcn_unet_jax.models import convolutions, winograd
+from fcn_unet_jax.ops import convolutions, winograd
 
 # (input height, width, dilation, padding): odd sizes leave partial tiles, dilation tiles
 # each residue class, asymmetric padding shifts the tiles, VALID has none.

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fcn_unet_jax.models import batch_norm
+from fcn_unet_jax.ops import batch_norm
 
 SHAPE = (3, 5, 7, 6)
 

@@ -1,4 +1,4 @@
-"""Tests of `fusion_barrier.materialize`: the identity, computed once on CPU."""
+"""Tests of `xla_cpu.materialize`: the identity, computed once on CPU."""
 
 import re
 
@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fcn_unet_jax.models import fusion_barrier
 from fcn_unet_jax.models.resnet import ResNet
+from fcn_unet_jax.ops import xla_cpu
 
 
 def _entry_readers(hlo: str, param_index: int) -> list[str]:
@@ -27,11 +27,11 @@ def _entry_readers(hlo: str, param_index: int) -> list[str]:
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 def test_materialize_is_the_identity_with_the_identity_gradient(dtype):
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 5, 3)), dtype)
-    np.testing.assert_array_equal(jax.jit(fusion_barrier.materialize)(x), x)
+    np.testing.assert_array_equal(jax.jit(xla_cpu.materialize)(x), x)
     weights = jnp.arange(x.size, dtype=dtype).reshape(x.shape)
 
     def loss(v):
-        return jnp.sum(jnp.sin(fusion_barrier.materialize(v * 2)) * weights)
+        return jnp.sum(jnp.sin(xla_cpu.materialize(v * 2)) * weights)
 
     def reference(v):
         return jnp.sum(jnp.sin(v * 2) * weights)
@@ -44,7 +44,7 @@ def test_consumers_on_cpu_read_the_materialized_value():
     # transposed copy (which can): without the barrier XLA:CPU (jaxlib 0.10) computes it
     # twice, inside both consumers' fusions; with it, one fusion reads the inputs.
     def f(a, b, w):
-        x = fusion_barrier.materialize(jax.nn.relu(a * 2 + b))
+        x = xla_cpu.materialize(jax.nn.relu(a * 2 + b))
         return x.reshape(-1, 64) @ w, jnp.transpose(x, (3, 1, 2, 0))
 
     args = (jnp.ones((4, 16, 16, 64)), jnp.ones((4, 16, 16, 64)), jnp.ones((64, 64)))

@@ -16,8 +16,9 @@ import pytest
 
 from configs import default
 from fcn_unet_jax import models
-from fcn_unet_jax.models import convolutions, fcn, kernel_gradient, layers, unet
+from fcn_unet_jax.models import fcn, layers, unet
 from fcn_unet_jax.models.resnet import ResNet
+from fcn_unet_jax.ops import convolutions, kernel_gradient
 
 TINY = 1 / 16
 NAMES = list(models.MODELS)

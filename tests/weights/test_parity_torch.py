@@ -13,12 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_weight_import import assert_relative_close
 
 from configs import default
-from fcn_unet_jax import checkpoints, models, torch_interop
+from fcn_unet_jax import models, torch_interop, weights
 from fcn_unet_jax.models.resnet import ResNet
 from fcn_unet_jax.models.vgg import VGG16
+from tests.weights.test_import import assert_relative_close
 
 torch = pytest.importorskip('torch')
 
@@ -90,7 +90,7 @@ def _unfilled(merged):
 def test_load_state_dict_reads_torch_files(tmp_path):
     state = torchvision.models.resnet50(weights=None).state_dict()
     torch.save({'state_dict': {f'module.{k}': v for k, v in state.items()}}, tmp_path / 'w.pth')
-    loaded = checkpoints.load_state_dict(tmp_path / 'w.pth')
+    loaded = weights.load_state_dict(tmp_path / 'w.pth')
     assert loaded.keys() == state.keys()
     for key, value in state.items():
         np.testing.assert_array_equal(loaded[key], value.numpy())
@@ -103,18 +103,18 @@ def test_resnet50_backbone():
         r = reference
         y = r.maxpool(r.relu(r.bn1(r.conv1(xt))))
         expected = _nhwc(r.layer4(r.layer3(r.layer2(r.layer1(y)))))
-    pretrained = checkpoints.from_torchvision(reference.state_dict(), 'fcn8s_resnet50')
+    pretrained = weights.from_torchvision(reference.state_dict(), 'fcn8s_resnet50')
     ours = ResNet(depth=50).apply(_backbone(pretrained), x, train=False)[32]
     print('resnet50 backbone: relative max diff', assert_relative_close(ours, expected))
     _, abstract = _model_and_abstract('fcn8s_resnet50')
-    merged = checkpoints.merge_pretrained(abstract, pretrained)
+    merged = weights.merge_pretrained(abstract, pretrained)
     assert not [p for p in _unfilled(merged) if 'backbone' in p]
 
 
 def test_vgg16_backbone_with_fc6_fc7():
     reference = _randomise(torchvision.models.vgg16(weights=None))
     x, xt = _inputs()
-    pretrained = checkpoints.from_torchvision(reference.state_dict(), 'fcn8s_vgg16')
+    pretrained = weights.from_torchvision(reference.state_dict(), 'fcn8s_vgg16')
     # Plain form (smp's encoder): torchvision's features as they are.
     with torch.no_grad():
         expected = _nhwc(reference.features(xt))
@@ -139,8 +139,8 @@ def test_vgg16_backbone_with_fc6_fc7():
 
     for name in ('fcn8s_vgg16', 'unet_vgg16'):
         _, abstract = _model_and_abstract(name)
-        merged = checkpoints.merge_pretrained(
-            abstract, checkpoints.from_torchvision(reference.state_dict(), name)
+        merged = weights.merge_pretrained(
+            abstract, weights.from_torchvision(reference.state_dict(), name)
         )
         assert not [p for p in _unfilled(merged) if 'backbone' in p]
 
@@ -155,9 +155,9 @@ def test_fcn_resnet_full_model_with_aux(depth):
     with torch.no_grad():
         expected = {k: _nhwc(v) for k, v in reference(xt).items()}
     name = f'fcn_resnet{depth}'
-    pretrained = checkpoints.from_torchvision(reference.state_dict(), name)
+    pretrained = weights.from_torchvision(reference.state_dict(), name)
     model, abstract = _model_and_abstract(name, num_classes=21, aux_head=True)
-    variables = checkpoints.merge_pretrained(abstract, pretrained)
+    variables = weights.merge_pretrained(abstract, pretrained)
     assert _unfilled(variables) == []
     ours = model.apply(variables, x, train=False)
     for key in ('out', 'aux'):
@@ -172,9 +172,9 @@ def test_smp_unet_full_model(encoder):
     with torch.no_grad():
         expected = _nhwc(reference(xt))
     name = f'unet_{encoder}'
-    pretrained = checkpoints.from_torchvision(reference.state_dict(), name)
+    pretrained = weights.from_torchvision(reference.state_dict(), name)
     model, abstract = _model_and_abstract(name, num_classes=3)
-    variables = checkpoints.merge_pretrained(abstract, pretrained)
+    variables = weights.merge_pretrained(abstract, pretrained)
     assert _unfilled(variables) == []
     ours = model.apply(variables, x, train=False)
     print(f'smp Unet {encoder}: relative max diff', assert_relative_close(ours, expected))

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fcn_unet_jax.models import pooling
+from fcn_unet_jax.ops import pooling
 
 
 def batch_with_ties(shape, seed=0):

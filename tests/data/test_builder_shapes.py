@@ -11,7 +11,7 @@ import tensorflow_datasets as tfds
 from fcn_unet_jax.data import builders
 from fcn_unet_jax.data.builders import shapes
 
-_REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+_REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 _TINY = shapes.ShapesConfig(name='tiny_test', image_size=32, num_train=40, num_validation=8)
 
 

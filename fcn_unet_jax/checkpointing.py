@@ -13,12 +13,14 @@ primary process writes files.
 
 import os
 import shutil
+import signal
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
 CHECKPOINT_SUBDIR = 'checkpoints'
 DAMAGED_SUBDIR = 'checkpoints_damaged'
@@ -102,8 +104,6 @@ class CheckpointManager:
                 shutil.rmtree(os.fspath(target))
             shutil.move(os.fspath(self.directory / str(step)), os.fspath(target))
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             multihost_utils.sync_global_devices(f'set_aside_checkpoint_{step}')
         self._manager.reload()
 
@@ -114,6 +114,37 @@ class CheckpointManager:
     def close(self) -> None:
         """Waits for pending saves and releases the manager's resources."""
         self._manager.close()
+
+
+class SigtermFlag:
+    """Records SIGTERM so the loop can save at the next step boundary and stop."""
+
+    def __init__(self):
+        self.received = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # Not the main thread: leave signals to the caller.
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        logging.warning('SIGTERM received: saving a checkpoint at the next step boundary.')
+        self.received = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def any_process(self) -> bool:
+        """Whether any process was signalled (all processes must agree to stop together)."""
+        if jax.process_count() == 1:
+            return self.received
+        flags = multihost_utils.process_allgather(np.asarray(self.received, np.int32))
+        return bool(np.any(flags))
 
 
 def restore_variables(workdir: str) -> dict:

@@ -1,0 +1,70 @@
+"""Steering XLA's CPU compiler: values it must compute once, recomputations it must keep.
+
+Two identity functions that change only how XLA:CPU schedules a program; every other
+platform gets the value unchanged (`lax.platform_dependent`), since their compilers weigh
+recomputation against memory traffic themselves and keep `jax.checkpoint`'s barriers.
+
+* `materialize(x)`: XLA:CPU fuses a chain of elementwise operations into every consumer
+  that can take it, even where the value is materialised anyway for a consumer that cannot
+  (a matrix product, a convolution). A ResNet stage's block outputs, each
+  `relu(bn(conv) + previous)`, were so recomputed from the stage's first matrix product
+  onwards inside later fusions, among them the backward pass's transposed copies for
+  kernel gradients, which read every input of the chain in transposed order.
+  `jax.lax.optimization_barrier` does not stop this on CPU (the barriers are gone before
+  fusion); a conditional does: its operand is a buffer, and XLA does not fuse across
+  control flow.
+* `keep_recomputation(x)`: `jax.checkpoint` keeps its recomputation apart from the forward
+  pass with optimisation barriers, but XLA:CPU drops the barriers before
+  common-subexpression elimination, which then merges the recomputation back into the
+  forward pass: the forward activations stay alive and rematerialisation saves nothing.
+  Used by rematerialised blocks (`ops.remat`) and by the Winograd convolution's backward
+  pass, which both recompute forward values on purpose to keep fewer of them alive.
+"""
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def _through_conditional(x: Array) -> Array:
+    # Both branches return x, so the result never depends on the predicate. The branches
+    # differ in form (XLA removes a conditional whose branches are identical) and the
+    # predicate is a random draw, which the compiler cannot fold.
+    draw = jax.lax.rng_uniform(jnp.float32(0), jnp.float32(1), ())
+    return jax.lax.cond(draw < 2, lambda v: v, lambda v: v * jnp.ones((), v.dtype), x)
+
+
+@jax.custom_vjp
+def materialize(x: Array) -> Array:
+    """`x`, which consumers on CPU read from one buffer instead of fusing its producers.
+
+    The identity function, with the identity as its gradient. Other platforms get `x`
+    unchanged.
+    """
+    return jax.lax.platform_dependent(x, cpu=_through_conditional, default=lambda v: v)
+
+
+def _materialize_fwd(x: Array):
+    return materialize(x), None
+
+
+def _materialize_bwd(_, grad: Array):
+    return (grad,)
+
+
+materialize.defvjp(_materialize_fwd, _materialize_bwd)
+
+
+def keep_recomputation(x: Array) -> Array:
+    """`x` plus a zero that XLA's CPU compiler cannot prove equal across recomputations.
+
+    A zero drawn from XLA's stateful RNG (never merged; `0 * r` is not folded for floats)
+    makes each recomputation distinct. Other platforms get `x` unchanged.
+    """
+
+    def with_distinct_zero(x: Array) -> Array:
+        random = jax.lax.rng_uniform(jnp.float32(0), jnp.float32(1), ())
+        return x + (random * 0).astype(x.dtype)
+
+    return jax.lax.platform_dependent(x, cpu=with_distinct_zero, default=lambda x: x)

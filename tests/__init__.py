@@ -1,0 +1,1 @@
+"""Tests of the fcn_unet_jax package, laid out like it."""

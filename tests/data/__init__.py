@@ -1,0 +1,1 @@
+"""Tests of fcn_unet_jax/data."""
