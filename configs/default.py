@@ -44,6 +44,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.decoder_channels = (256, 128, 64, 32, 16)
     # Rematerialise encoder/decoder blocks in the backward pass (saves memory on big crops).
     config.model.remat = False
+    # Run every op as plain Flax/XLA, without the measured CPU rewrites of fcn_unet_jax.ops
+    # (same parameters and function): to check a result against the reference ops.
+    config.model.plain_ops = False
 
     # --- Dataset (tfds builder and splits) ---
     config.dataset = ml_collections.ConfigDict()

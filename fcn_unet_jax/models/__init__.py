@@ -44,6 +44,11 @@ class ModelInfo:
       family: 'fcn' (default merge 'sum') or 'unet' (default merge 'concat').
       skip_strides: encoder strides that can feed the decoder.
       default_skip_strides: the paper's skips (used when `skip_strides` is None).
+      encoder: the backbone, 'vgg16', 'resnet50' or 'resnet101'; None for the classic
+        U-Net, which has no pretrained encoder.
+      head: what sits on the encoder: 'fcn_vgg' (the Caffe FCN score/upsampling layers),
+        'fcn_head' (torchvision's FCNHead), 'fcn_skips' (FCN skip fusion on a ResNet),
+        'smp_unet' (segmentation_models_pytorch's U-Net decoder) or 'unet' (classic).
     """
 
     build: Callable[[ml_collections.ConfigDict, tuple[int, ...], str], nn.Module]
@@ -52,6 +57,8 @@ class ModelInfo:
     family: str
     skip_strides: tuple[int, ...]
     default_skip_strides: tuple[int, ...]
+    encoder: str | None
+    head: str
 
     def __call__(self, model_config: ml_collections.ConfigDict) -> nn.Module:
         """Validates `model_config` and builds the module."""
@@ -180,17 +187,31 @@ _FCN, _TV, _UNET, _SMP = FCN_PAPER, TORCHVISION_FCN, UNET_PAPER, SMP_UNET
 
 # fmt: off
 MODELS: dict[str, ModelInfo] = {
-    'fcn32s_vgg16': ModelInfo(_fcn_vgg, _FCN, 32, 'fcn', _VGG, ()),
-    'fcn16s_vgg16': ModelInfo(_fcn_vgg, _FCN, 16, 'fcn', _VGG, (16,)),
-    'fcn8s_vgg16': ModelInfo(_fcn_vgg, _FCN, 8, 'fcn', _VGG, (16, 8)),
-    'fcn8s_atonce_vgg16': ModelInfo(_p(_fcn_vgg, at_once=True), _FCN, 8, 'fcn', _AT_ONCE, (16, 8)),
-    'fcn_resnet50': ModelInfo(_p(_fcn_resnet, depth=50), _TV, 8, 'fcn', (), ()),
-    'fcn_resnet101': ModelInfo(_p(_fcn_resnet, depth=101), _TV, 8, 'fcn', (), ()),
-    'fcn8s_resnet50': ModelInfo(_p(_fcn_skip_resnet, depth=50), _FCN, 8, 'fcn', _RES, (16, 8)),
-    'fcn8s_resnet101': ModelInfo(_p(_fcn_skip_resnet, depth=101), _FCN, 8, 'fcn', _RES, (16, 8)),
-    'unet': ModelInfo(_unet, _UNET, 1, 'unet', _CLS, _CLS),
-    'unet_resnet50': ModelInfo(_p(_encoder_unet, encoder='resnet50'), _SMP, 1, 'unet', _ENC, _ENC),
-    'unet_vgg16': ModelInfo(_p(_encoder_unet, encoder='vgg16'), _SMP, 1, 'unet', _ENC, _ENC),
+    'fcn32s_vgg16': ModelInfo(_fcn_vgg, _FCN, 32, 'fcn', _VGG, (), 'vgg16', 'fcn_vgg'),
+    'fcn16s_vgg16': ModelInfo(_fcn_vgg, _FCN, 16, 'fcn', _VGG, (16,), 'vgg16', 'fcn_vgg'),
+    'fcn8s_vgg16': ModelInfo(_fcn_vgg, _FCN, 8, 'fcn', _VGG, (16, 8), 'vgg16', 'fcn_vgg'),
+    'fcn8s_atonce_vgg16': ModelInfo(
+        _p(_fcn_vgg, at_once=True), _FCN, 8, 'fcn', _AT_ONCE, (16, 8), 'vgg16', 'fcn_vgg'
+    ),
+    'fcn_resnet50': ModelInfo(
+        _p(_fcn_resnet, depth=50), _TV, 8, 'fcn', (), (), 'resnet50', 'fcn_head'
+    ),
+    'fcn_resnet101': ModelInfo(
+        _p(_fcn_resnet, depth=101), _TV, 8, 'fcn', (), (), 'resnet101', 'fcn_head'
+    ),
+    'fcn8s_resnet50': ModelInfo(
+        _p(_fcn_skip_resnet, depth=50), _FCN, 8, 'fcn', _RES, (16, 8), 'resnet50', 'fcn_skips'
+    ),
+    'fcn8s_resnet101': ModelInfo(
+        _p(_fcn_skip_resnet, depth=101), _FCN, 8, 'fcn', _RES, (16, 8), 'resnet101', 'fcn_skips'
+    ),
+    'unet': ModelInfo(_unet, _UNET, 1, 'unet', _CLS, _CLS, None, 'unet'),
+    'unet_resnet50': ModelInfo(
+        _p(_encoder_unet, encoder='resnet50'), _SMP, 1, 'unet', _ENC, _ENC, 'resnet50', 'smp_unet'
+    ),
+    'unet_vgg16': ModelInfo(
+        _p(_encoder_unet, encoder='vgg16'), _SMP, 1, 'unet', _ENC, _ENC, 'vgg16', 'smp_unet'
+    ),
 }
 # fmt: on
 
