@@ -1,6 +1,6 @@
 r"""Single 3x3 convolutions: XLA's direct convolution against Winograd's minimal filtering.
 
-For each layer shape of the model zoo that `models/winograd.py` may transform, times the
+For each layer shape of the model zoo that `fcn_unet_jax/ops/winograd.py` may transform, times the
 jitted forward pass and the forward pass with both gradients (a train step's share of
 the layer), best of `--repeats` runs after one warm-up, and the compile time of each,
 on random float32 inputs:
@@ -18,11 +18,15 @@ transformed form for inference and for training. Two more tables follow:
 
 * the kernel gradient of padded stride-1 3x3 convolutions as XLA forms it (padding inside
   the convolution), over the padded input, and as the convolution of the output gradient
-  with the padded input as its window (`kernel_gradient.py`; `kernel_grad` takes the
+  with the padded input as its window (`ops/kernel_gradient.py`; `kernel_grad` takes the
   latter on CPU where the last column says so);
 * the first conv of the smp-style U-Net decoder blocks (U-Net-ResNet50 at 320 px): the
   3x3 conv of `concat([upsample_nearest2x(x), skip])` (`convolutions.Conv`) against
   `convolutions.UpsampledConcatConv`, forward and forward with both gradients.
+
+The thresholds in `fcn_unet_jax/ops/` (`winograd.MIN_HARMONIC_CHANNELS`,
+`winograd.MIN_MAP_POSITIONS`, `kernel_gradient.MAX_OUTPUT_CHANNELS_SWAPPED`, ...) were set
+from these tables; `docs/performance.md` holds the results.
 """
 
 import time
@@ -205,7 +209,6 @@ def _decoder_table(rng) -> None:
     import jax
     import jax.numpy as jnp
 
-    from fcn_unet_jax.models import layers
     from fcn_unet_jax.ops import convolutions
 
     print(
@@ -223,7 +226,7 @@ def _decoder_table(rng) -> None:
         skip_or_none = skip if c_skip else None
 
         def merged(x, skip, c_skip=c_skip):
-            up = layers.upsample_nearest2x(x)
+            up = convolutions.upsample_nearest2x(x)
             return jnp.concatenate([up, skip], axis=-1) if c_skip else up
 
         params = split_conv.init(jax.random.key(0), x, skip_or_none)

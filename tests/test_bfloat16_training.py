@@ -18,7 +18,7 @@ import pytest
 
 from configs import default
 from fcn_unet_jax import models, sharding, train
-from tests.models.test_models import jaxpr_eqns
+from tests.ops.helpers import jaxpr_eqns
 
 pytestmark = pytest.mark.usefixtures('fast_compile')
 

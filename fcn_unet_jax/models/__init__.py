@@ -1,9 +1,10 @@
 """Model registry: `build_model(config.model)` and one `MODELS` line per model name.
 
 Each `ModelInfo` is the constructor of one name (call it with the model config) and
-carries the facts the README table needs: the paper, the output stride (the coarsest
-resolution at which the final prediction is formed) and the available skip strides.
-Config values are validated here, with errors that name the field and the allowed values.
+carries the facts the README table and weight import need: the paper, the output stride
+(the coarsest resolution at which the final prediction is formed), the available skip
+strides, the encoder (built by `encoders.build_encoder`) and the head. Config values are
+validated here, with errors that name the field and the allowed values.
 """
 
 import dataclasses
@@ -18,6 +19,7 @@ import ml_collections
 import numpy as np
 
 from fcn_unet_jax.models import fcn, unet
+from fcn_unet_jax.models.encoders import ENCODERS, build_encoder
 from fcn_unet_jax.models.layers import DTYPES
 from fcn_unet_jax.models.resnet import RESNET_VARIANTS
 
@@ -37,8 +39,8 @@ class ModelInfo:
     """Constructor and facts of one registered model.
 
     Attributes:
-      build: `build(model_config, skip_strides, merge) -> nn.Module`, called with
-        validated, resolved skip settings.
+      build: `build(model_config, skip_strides, merge, encoder) -> nn.Module`, called with
+        validated, resolved skip settings and this model's `encoder`.
       paper: the paper (or reference implementation) the model follows.
       output_stride: stride of the coarsest map the final prediction is formed at.
       family: 'fcn' (default merge 'sum') or 'unet' (default merge 'concat').
@@ -51,7 +53,7 @@ class ModelInfo:
         'smp_unet' (segmentation_models_pytorch's U-Net decoder) or 'unet' (classic).
     """
 
-    build: Callable[[ml_collections.ConfigDict, tuple[int, ...], str], nn.Module]
+    build: Callable[[ml_collections.ConfigDict, tuple[int, ...], str, str | None], nn.Module]
     paper: str
     output_stride: int
     family: str
@@ -81,7 +83,7 @@ class ModelInfo:
                 f"config.model.merge='none' means no skips, but config.model.skip_strides is "
                 f'{strides}; set skip_strides to None or ().'
             )
-        return self.build(model_config, strides, merge)
+        return self.build(model_config, strides, merge, self.encoder)
 
 
 def _validate_common(c: ml_collections.ConfigDict) -> None:
@@ -110,6 +112,12 @@ def _validate_common(c: ml_collections.ConfigDict) -> None:
         'decoder_channels',
         'five positive ints (one per decoder block)',
     )
+    check(isinstance(_plain_ops(c), bool), 'plain_ops', 'True or False')
+
+
+def _plain_ops(c: ml_collections.ConfigDict) -> Any:
+    # Configs written before the field existed (a run's config.json) run the tuned ops.
+    return c.get('plain_ops', False)
 
 
 def _common(c: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -119,6 +127,7 @@ def _common(c: ml_collections.ConfigDict) -> dict[str, Any]:
         'width': float(c.width),
         'dtype': c.dtype,
         'remat': c.remat,
+        'plain_ops': _plain_ops(c),
     }
 
 
@@ -126,7 +135,8 @@ def _dropout(c: ml_collections.ConfigDict, paper_default: float) -> float:
     return paper_default if c.dropout_rate is None else float(c.dropout_rate)
 
 
-def _fcn_vgg(c, skip_strides, merge, *, at_once=False):
+def _fcn_vgg(c, skip_strides, merge, encoder, *, at_once=False):
+    del encoder  # Always VGG16: the reference Caffe nets.
     return fcn.FCNVGG(
         skip_strides=skip_strides,
         merge=merge,
@@ -137,10 +147,10 @@ def _fcn_vgg(c, skip_strides, merge, *, at_once=False):
     )
 
 
-def _fcn_resnet(c, skip_strides, merge, *, depth):
+def _fcn_resnet(c, skip_strides, merge, encoder):
     del skip_strides, merge  # torchvision's FCN-ResNet has no skips (checked: always ()).
     return fcn.FCNResNet(
-        depth=depth,
+        encoder=encoder,
         aux_head=c.aux_head,
         resnet_variant=c.resnet_variant,
         dropout_rate=_dropout(c, fcn.FCN_HEAD_DROPOUT),
@@ -148,9 +158,9 @@ def _fcn_resnet(c, skip_strides, merge, *, depth):
     )
 
 
-def _fcn_skip_resnet(c, skip_strides, merge, *, depth):
+def _fcn_skip_resnet(c, skip_strides, merge, encoder):
     return fcn.FCNSkipResNet(
-        depth=depth,
+        encoder=encoder,
         skip_strides=skip_strides,
         merge=merge,
         resnet_variant=c.resnet_variant,
@@ -158,7 +168,8 @@ def _fcn_skip_resnet(c, skip_strides, merge, *, depth):
     )
 
 
-def _unet(c, skip_strides, merge):
+def _unet(c, skip_strides, merge, encoder):
+    del encoder  # None: the classic U-Net has no pretrained encoder.
     return unet.UNet(
         padding=c.padding,
         batch_norm=c.batch_norm,
@@ -169,7 +180,7 @@ def _unet(c, skip_strides, merge):
     )
 
 
-def _encoder_unet(c, skip_strides, merge, *, encoder):
+def _encoder_unet(c, skip_strides, merge, encoder):
     return unet.EncoderUNet(
         encoder=encoder,
         decoder_channels=tuple(int(v) for v in c.decoder_channels),
@@ -193,25 +204,17 @@ MODELS: dict[str, ModelInfo] = {
     'fcn8s_atonce_vgg16': ModelInfo(
         _p(_fcn_vgg, at_once=True), _FCN, 8, 'fcn', _AT_ONCE, (16, 8), 'vgg16', 'fcn_vgg'
     ),
-    'fcn_resnet50': ModelInfo(
-        _p(_fcn_resnet, depth=50), _TV, 8, 'fcn', (), (), 'resnet50', 'fcn_head'
-    ),
-    'fcn_resnet101': ModelInfo(
-        _p(_fcn_resnet, depth=101), _TV, 8, 'fcn', (), (), 'resnet101', 'fcn_head'
-    ),
+    'fcn_resnet50': ModelInfo(_fcn_resnet, _TV, 8, 'fcn', (), (), 'resnet50', 'fcn_head'),
+    'fcn_resnet101': ModelInfo(_fcn_resnet, _TV, 8, 'fcn', (), (), 'resnet101', 'fcn_head'),
     'fcn8s_resnet50': ModelInfo(
-        _p(_fcn_skip_resnet, depth=50), _FCN, 8, 'fcn', _RES, (16, 8), 'resnet50', 'fcn_skips'
+        _fcn_skip_resnet, _FCN, 8, 'fcn', _RES, (16, 8), 'resnet50', 'fcn_skips'
     ),
     'fcn8s_resnet101': ModelInfo(
-        _p(_fcn_skip_resnet, depth=101), _FCN, 8, 'fcn', _RES, (16, 8), 'resnet101', 'fcn_skips'
+        _fcn_skip_resnet, _FCN, 8, 'fcn', _RES, (16, 8), 'resnet101', 'fcn_skips'
     ),
     'unet': ModelInfo(_unet, _UNET, 1, 'unet', _CLS, _CLS, None, 'unet'),
-    'unet_resnet50': ModelInfo(
-        _p(_encoder_unet, encoder='resnet50'), _SMP, 1, 'unet', _ENC, _ENC, 'resnet50', 'smp_unet'
-    ),
-    'unet_vgg16': ModelInfo(
-        _p(_encoder_unet, encoder='vgg16'), _SMP, 1, 'unet', _ENC, _ENC, 'vgg16', 'smp_unet'
-    ),
+    'unet_resnet50': ModelInfo(_encoder_unet, _SMP, 1, 'unet', _ENC, _ENC, 'resnet50', 'smp_unet'),
+    'unet_vgg16': ModelInfo(_encoder_unet, _SMP, 1, 'unet', _ENC, _ENC, 'vgg16', 'smp_unet'),
 }
 # fmt: on
 
@@ -293,9 +296,11 @@ def model_table(model_config: ml_collections.ConfigDict) -> list[dict[str, Any]]
 
 
 __all__ = [
+    'ENCODERS',
     'MERGES',
     'MODELS',
     'ModelInfo',
+    'build_encoder',
     'build_model',
     'count_params',
     'example_input_shape',

@@ -20,6 +20,8 @@ sides ceil(n / s), which do not double exactly for odd sizes, so a transposed co
 need size-dependent crops; a fixed bilinear resize has no such problem, adds no
 parameters and is what torchvision's FCN uses for its final upsampling too.
 
+All three take their backbone from `encoders.build_encoder`.
+
 Merging (`merge`): 'sum' (paper); 'concat' concatenates [upsampled, skip score] and mixes
 them with a 1x1 conv `fuse_*` initialised to [I; I], i.e. to the sum, so both merges
 start from the same function; 'none' uses no skips. Score layers project every level to
@@ -37,8 +39,8 @@ import numpy as np
 
 from fcn_unet_jax import ops
 from fcn_unet_jax.models import layers
-from fcn_unet_jax.models.resnet import ResNet
-from fcn_unet_jax.models.vgg import FCN_CONV1_PAD, VGG16
+from fcn_unet_jax.models.encoders import build_encoder
+from fcn_unet_jax.models.vgg import FCN_CONV1_PAD
 
 Array = jax.Array
 
@@ -163,6 +165,7 @@ class FCNVGG(nn.Module):
       width: channel multiplier.
       dtype: compute dtype name.
       remat: rematerialise the encoder's conv+ReLU pairs.
+      plain_ops: run every op as the plain Flax/XLA op (`ops.plain_ops`).
     """
 
     num_classes: int
@@ -175,18 +178,23 @@ class FCNVGG(nn.Module):
     width: float = 1.0
     dtype: str = 'float32'
     remat: bool = False
+    plain_ops: bool = False
 
     @nn.compact
     def __call__(self, images: Array, *, train: bool) -> Array:
+        with ops.plain_ops(self.plain_ops):
+            return self._forward(images, train)
+
+    def _forward(self, images: Array, train: bool) -> Array:
         layers.check_input(images, self.input_channels)
         dtype = layers.compute_dtype(self.dtype)
-        features = VGG16(
+        features = build_encoder(
+            'vgg16',
             width=self.width,
-            fcn=True,
-            dropout_rate=self.dropout_rate,
             dtype=self.dtype,
             remat=self.remat,
-            name='backbone',
+            fcn_form=True,
+            dropout_rate=self.dropout_rate,
         )(images, train=train)
         skips = sorted(self.skip_strides, reverse=True) if self.merge != 'none' else []
         offsets = vgg_fcn_crop_offsets(skips)
@@ -260,38 +268,43 @@ class FCNResNet(nn.Module):
     Attributes:
       num_classes: output channels.
       input_channels: expected image channels (None: any).
-      depth: 50 or 101.
+      encoder: 'resnet50' or 'resnet101'.
       aux_head: also return the auxiliary head's logits.
       resnet_variant: 'torchvision' or 'caffe'.
       dropout_rate: dropout in the FCN heads.
       width: channel multiplier.
       dtype: compute dtype name.
       remat: rematerialise each bottleneck block.
+      plain_ops: run every op as the plain Flax/XLA op (`ops.plain_ops`).
     """
 
     num_classes: int
     input_channels: int | None = None
-    depth: int = 50
+    encoder: str = 'resnet50'
     aux_head: bool = False
     resnet_variant: str = 'torchvision'
     dropout_rate: float = FCN_HEAD_DROPOUT
     width: float = 1.0
     dtype: str = 'float32'
     remat: bool = False
+    plain_ops: bool = False
 
     @nn.compact
     def __call__(self, images: Array, *, train: bool) -> Array | dict[str, Array]:
+        with ops.plain_ops(self.plain_ops):
+            return self._forward(images, train)
+
+    def _forward(self, images: Array, train: bool) -> Array | dict[str, Array]:
         layers.check_input(images, self.input_channels)
         dtype = layers.compute_dtype(self.dtype)
         size = images.shape[1:3]
-        features = ResNet(
-            depth=self.depth,
-            variant=self.resnet_variant,
-            dilate=(False, True, True),
+        features = build_encoder(
+            self.encoder,
             width=self.width,
             dtype=self.dtype,
             remat=self.remat,
-            name='backbone',
+            resnet_variant=self.resnet_variant,
+            dilate=(False, True, True),
         )(images, train=train)
         head = FCNHead(self.num_classes, self.dropout_rate, dtype, name='classifier')
         out = layers.resize_bilinear(head(features[32], train=train), size).astype(jnp.float32)
@@ -312,36 +325,41 @@ class FCNSkipResNet(nn.Module):
     Attributes:
       num_classes: output channels.
       input_channels: expected image channels (None: any).
-      depth: 50 or 101.
+      encoder: 'resnet50' or 'resnet101'.
       skip_strides: strides of the fused stages, default (16, 8).
       merge: 'sum', 'concat' or 'none'.
       resnet_variant: 'torchvision' or 'caffe'.
       width: channel multiplier.
       dtype: compute dtype name.
       remat: rematerialise each bottleneck block.
+      plain_ops: run every op as the plain Flax/XLA op (`ops.plain_ops`).
     """
 
     num_classes: int
     input_channels: int | None = None
-    depth: int = 50
+    encoder: str = 'resnet50'
     skip_strides: Sequence[int] = (16, 8)
     merge: str = 'sum'
     resnet_variant: str = 'torchvision'
     width: float = 1.0
     dtype: str = 'float32'
     remat: bool = False
+    plain_ops: bool = False
 
     @nn.compact
     def __call__(self, images: Array, *, train: bool) -> Array:
+        with ops.plain_ops(self.plain_ops):
+            return self._forward(images, train)
+
+    def _forward(self, images: Array, train: bool) -> Array:
         layers.check_input(images, self.input_channels)
         dtype = layers.compute_dtype(self.dtype)
-        features = ResNet(
-            depth=self.depth,
-            variant=self.resnet_variant,
+        features = build_encoder(
+            self.encoder,
             width=self.width,
             dtype=self.dtype,
             remat=self.remat,
-            name='backbone',
+            resnet_variant=self.resnet_variant,
         )(images, train=train)
         skips = sorted(self.skip_strides, reverse=True) if self.merge != 'none' else []
         x = _score(features[32], self.num_classes, 'score_layer4', dtype)

@@ -170,8 +170,3 @@ def resize_bilinear(x: Array, size: tuple[int, int]) -> Array:
     """
     n, _, _, c = x.shape
     return jax.image.resize(x, (n, size[0], size[1], c), 'bilinear', antialias=False)
-
-
-def upsample_nearest2x(x: Array) -> Array:
-    """Nearest-neighbour x2 upsampling (PyTorch `F.interpolate(scale_factor=2)`)."""
-    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)

@@ -84,9 +84,6 @@ class _Bottleneck(nn.Module):
             x = bn('downsample_bn')(
                 conv(self.planes * EXPANSION, 1, self.stride, 1, 'downsample_conv')(x)
             )
-        # The block output feeds the next block's matrix products and residual sum, the
-        # decoder's skip convolutions and the backward pass's transposed copies; computed
-        # once, each reads it instead of recomputing the stage's residual chain.
         return ops.materialize(nn.relu(out + x))
 
 

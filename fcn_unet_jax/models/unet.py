@@ -8,13 +8,14 @@ that mapping. With `padding='SAME'` the output has the input's size for any H, W
 is ceil-mode and each up-convolution output is cropped to its skip level's size.
 
 Encoder U-Net (`EncoderUNet`): the layout of segmentation_models_pytorch 0.6 `Unet` on a
-ResNet-50 or VGG16 encoder. Decoder block j (j = 0..4) upsamples x2 (nearest), merges the
-encoder feature of the next finer stride, then applies two conv3x3-BN-ReLU; a 3x3 conv
-is the segmentation head. Like smp, VGG encoders get a `center` block (two conv3x3-BN-ReLU
-on the stride-32 feature) and the stride-1 encoder feature is never used as a skip. smp
-needs H, W divisible by 32; here the input is zero-padded at the bottom/right to the next
-multiple of 32 and the logits are cropped back, so any H, W works and inputs that already
-are multiples of 32 give exactly smp's computation.
+ResNet-50/101 or VGG16 encoder (`encoders.build_encoder`). Decoder block j (j = 0..4)
+upsamples x2 (nearest), merges the encoder feature of the next finer stride, then applies
+two conv3x3-BN-ReLU; a 3x3 conv is the segmentation head. Like smp, VGG encoders get a
+`center` block (two conv3x3-BN-ReLU on the stride-32 feature) and the stride-1 encoder
+feature is never used as a skip. smp needs H, W divisible by 32; here the input is
+zero-padded at the bottom/right to the next multiple of 32 and the logits are cropped
+back, so any H, W works and inputs that already are multiples of 32 give exactly smp's
+computation.
 
 Skip ablations (`skip_strides`, `merge`):
   * 'concat' (paper default): concatenate [upsampled, skip] before the level's first conv.
@@ -36,8 +37,7 @@ import jax.numpy as jnp
 
 from fcn_unet_jax import ops
 from fcn_unet_jax.models import layers
-from fcn_unet_jax.models.resnet import ResNet
-from fcn_unet_jax.models.vgg import VGG16
+from fcn_unet_jax.models.encoders import build_encoder
 
 Array = jax.Array
 
@@ -237,6 +237,7 @@ class UNet(nn.Module):
       merge: 'concat', 'sum' or 'none'.
       dtype: compute dtype name.
       remat: rematerialise each level in the backward pass.
+      plain_ops: run every op as the plain Flax/XLA op (`ops.plain_ops`).
     """
 
     num_classes: int
@@ -249,9 +250,14 @@ class UNet(nn.Module):
     merge: str = 'concat'
     dtype: str = 'float32'
     remat: bool = False
+    plain_ops: bool = False
 
     @nn.compact
     def __call__(self, images: Array, *, train: bool) -> Array:
+        with ops.plain_ops(self.plain_ops):
+            return self._forward(images, train)
+
+    def _forward(self, images: Array, train: bool) -> Array:
         layers.check_input(images, self.input_channels)
         dtype = layers.compute_dtype(self.dtype)
         if self.padding == 'VALID':
@@ -313,7 +319,7 @@ class _DecoderBlock(nn.Module):
         # resolution; with 'sum' the upsampled and projected skip are added first.
         merged_in_conv = self.upsample and (skip is None or self.merge != 'sum')
         if self.upsample and not merged_in_conv:
-            x = layers.upsample_nearest2x(x)
+            x = ops.upsample_nearest2x(x)
         if skip is not None and not merged_in_conv:
             if self.merge == 'sum':
                 skip = ops.Conv(
@@ -393,6 +399,7 @@ class EncoderUNet(nn.Module):
       width: channel multiplier for encoder and decoder.
       dtype: compute dtype name.
       remat: rematerialise encoder stages and decoder blocks.
+      plain_ops: run every op as the plain Flax/XLA op (`ops.plain_ops`).
     """
 
     num_classes: int
@@ -405,27 +412,26 @@ class EncoderUNet(nn.Module):
     width: float = 1.0
     dtype: str = 'float32'
     remat: bool = False
+    plain_ops: bool = False
 
     @nn.compact
     def __call__(self, images: Array, *, train: bool) -> Array:
+        with ops.plain_ops(self.plain_ops):
+            return self._forward(images, train)
+
+    def _forward(self, images: Array, train: bool) -> Array:
         layers.check_input(images, self.input_channels)
         dtype = layers.compute_dtype(self.dtype)
         h, w = images.shape[1:3]
         m = ENCODER_PAD_MULTIPLE
         x = jnp.pad(images, ((0, 0), (0, -h % m), (0, -w % m), (0, 0))).astype(dtype)
-        if self.encoder == 'vgg16':
-            features = VGG16(
-                width=self.width, fcn=False, dtype=self.dtype, remat=self.remat, name='backbone'
-            )(x, train=train)
-        else:
-            features = ResNet(
-                depth=int(self.encoder.removeprefix('resnet')),
-                variant=self.resnet_variant,
-                width=self.width,
-                dtype=self.dtype,
-                remat=self.remat,
-                name='backbone',
-            )(x, train=train)
+        features = build_encoder(
+            self.encoder,
+            width=self.width,
+            dtype=self.dtype,
+            remat=self.remat,
+            resnet_variant=self.resnet_variant,
+        )(x, train=train)
         x = _Decoder(
             tuple(layers.scaled(c, self.width) for c in self.decoder_channels),
             tuple(self.skip_strides),

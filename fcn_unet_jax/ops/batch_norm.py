@@ -12,10 +12,10 @@ reductions and `dx` one elementwise pass:
 
     dx = scale / std * (dy - mean(dy) - x_hat * mean(dy * x_hat)).
 
-Train steps at 320 px, batch 4, on CPU, paired with flax's BatchNorm in one process
-(XLA's buffers in brackets): FCN-ResNet101 -1.0 s of 10.6 s (3,387 -> 3,034 MiB),
-FCN-ResNet50 -111 ms of 4.98 s (1,850 -> 1,818 MiB), U-Net-ResNet50 -67 ms of 2.25 s
-(1,166 -> 1,097 MiB).
+That saves an activation-sized temporary and two passes over the output gradient per
+BatchNorm layer, in time and in peak memory (`benchmarks/model_benchmark.py` measures
+train steps; results in `docs/performance.md`). The gradient runs on every platform;
+with `plain_ops` the same forward function is differentiated by JAX, as flax's is.
 """
 
 import functools
@@ -24,6 +24,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from fcn_unet_jax.ops.switch import uses_plain_ops
 
 Array = jax.Array
 
@@ -78,6 +80,11 @@ def _forward(x, scale, bias, epsilon, dtype):
     return (y, mean, var), (x, scale, bias, mean, var)
 
 
+def _normalize_by_autodiff(x, scale, bias, epsilon, dtype):
+    """`normalize_with_batch_statistics` without its custom gradient (`plain_ops`)."""
+    return _forward(x, scale, bias, epsilon, dtype)[0]
+
+
 def _backward(epsilon, dtype, residuals, cotangents):
     del dtype
     x, scale, bias, mean, var = residuals
@@ -108,6 +115,9 @@ normalize_with_batch_statistics.defvjp(_forward, _backward)
 
 class BatchNorm(nn.Module):
     """BatchNorm over the last axis (channels), with `flax.linen.BatchNorm`'s variables.
+
+    In training its gradient is the hand-written one (module docstring); with `plain_ops`
+    JAX differentiates the forward pass, as it does flax's BatchNorm.
 
     Attributes:
       use_running_average: normalise with the running averages (evaluation) instead of
@@ -140,7 +150,8 @@ class BatchNorm(nn.Module):
         if self.use_running_average:
             y = _normalize(x, running_mean.value, running_var.value, scale, bias, self.epsilon)
             return y.astype(dtype)
-        y, mean, var = normalize_with_batch_statistics(x, scale, bias, self.epsilon, dtype)
+        normalize = _normalize_by_autodiff if uses_plain_ops() else normalize_with_batch_statistics
+        y, mean, var = normalize(x, scale, bias, self.epsilon, dtype)
         if not self.is_initializing():
             running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
             running_var.value = self.momentum * running_var.value + (1 - self.momentum) * var

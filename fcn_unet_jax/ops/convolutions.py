@@ -1,15 +1,23 @@
 """Convolutions computed the way XLA runs them fastest, with `nn.Conv`'s parameters.
 
 XLA's CPU backend is slow on some convolution shapes that a network uses all the time
-(measured with `benchmarks/profile_train_step.py`): 1x1 convolutions and their backward
-pass, and the input gradients of strided convolutions and transposed convolutions, both of
-which it lowers as convolutions over a zero-dilated input. The layers here
-compute the same functions as matrix products where that is exact, keep `nn.Conv` /
-`nn.ConvTranspose`'s parameter names, shapes, initialisers and dtype handling (so
-checkpoints and imported weights are unaffected), and fall back to flax for every
-configuration they do not cover. The rewrites are plain matrix products and smaller
-convolutions, which accelerators run well too; only the phase-wise input gradient is
-CPU-specific (`lax.platform_dependent` keeps XLA's own gradient elsewhere).
+(`python -m benchmarks.profile_train_step` shows where a train step's time goes): 1x1
+convolutions and their backward pass, and the input gradients of strided convolutions and
+transposed convolutions, both of which it lowers as convolutions over a zero-dilated
+input. The layers here compute the same functions as matrix products or smaller
+convolutions where that is exact, keep `nn.Conv` / `nn.ConvTranspose`'s parameter names,
+shapes, initialisers and dtype handling (so checkpoints and imported weights are
+unaffected), and fall back to flax for every configuration they do not cover.
+
+Most rewrites are plain matrix products and smaller convolutions and run on every
+platform: 1x1 convs as matrix products, the kernel gradient of stride-1 convs over the
+padded input, block transposed convs as a product and `depth_to_space`, the sub-pixel
+bilinear upsampler and `UpsampledConcatConv`. Three are specific to XLA:CPU and gated to
+it by `lax.platform_dependent` (XLA's own op runs elsewhere): Winograd's 3x3 convolution
+(`winograd.py`), the phase-wise input gradient of strided convs, and the swapped kernel
+gradient of narrowing convs (`kernel_gradient.py`). With `plain_ops` (`switch.py`) every
+layer here is the plain flax layer or XLA op. Measured speed-ups are in
+`docs/performance.md`.
 """
 
 import functools
@@ -21,8 +29,15 @@ import jax
 import jax.numpy as jnp
 
 from fcn_unet_jax.ops import kernel_gradient, winograd
+from fcn_unet_jax.ops.switch import uses_plain_ops
 
 Array = jax.Array
+_DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
+
+
+def upsample_nearest2x(x: Array) -> Array:
+    """Nearest-neighbour x2 upsampling (PyTorch `F.interpolate(scale_factor=2)`)."""
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
 
 
 def depth_to_space(x: Array, factor: int) -> Array:
@@ -42,7 +57,8 @@ def upsample_transposed(x: Array, kernel: Array, factor: int) -> Array:
     (a, b) is a 2x2 convolution of the input padded by one pixel, and all f * f phases are
     one 2x2 convolution with f * f * out channels followed by `depth_to_space`. XLA would
     otherwise convolve a 2f x 2f kernel over the f-times dilated input: f * f times the
-    multiply-adds, nearly all with inserted zeros (and a far slower backward pass).
+    multiply-adds, nearly all with inserted zeros (and a far slower backward pass). With
+    `plain_ops` it is that `lax.conv_transpose`.
 
     Args:
       x: NHWC input.
@@ -56,6 +72,10 @@ def upsample_transposed(x: Array, kernel: Array, factor: int) -> Array:
     k, _, out_c, in_c = kernel.shape
     if k != 2 * f:
         raise ValueError(f'upsample_transposed needs a {2 * f}x{2 * f} kernel, got {k}x{k}.')
+    if uses_plain_ops():
+        return jax.lax.conv_transpose(
+            x, kernel, (f, f), 'VALID', dimension_numbers=_DIMENSION_NUMBERS, transpose_kernel=True
+        )
     # Tap t = i f + a; the 2x2 conv's window position u = 1 - i reads input q - i.
     taps = kernel.reshape(2, f, 2, f, out_c, in_c)[::-1, :, ::-1]  # [u, a, v, b, out, in]
     taps = taps.transpose(0, 2, 5, 1, 3, 4).reshape(2, 2, in_c, f * f * out_c)
@@ -64,7 +84,7 @@ def upsample_transposed(x: Array, kernel: Array, factor: int) -> Array:
         taps,
         (1, 1),
         'VALID',
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+        dimension_numbers=_DIMENSION_NUMBERS,
     )
     return depth_to_space(y, f)
 
@@ -124,9 +144,6 @@ def _is_zero_padding(padding: Any) -> bool:
     return all(lo == 0 and hi == 0 for lo, hi in pairs)
 
 
-_DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
-
-
 def _lax_conv(x, kernel, strides, padding, dilation, precision):
     return jax.lax.conv_general_dilated(
         x,
@@ -147,9 +164,9 @@ def input_grad_by_phases(dy, kernel, input_shape, strides, padding, dilation, pr
     from dy[m + (a + lo - d t) / s]. Each phase is thus a stride-1 convolution of `dy`
     with its own taps (for a 3x3 stride-2 conv: 1, 2, 2 and 4 taps), and together they do
     the forward pass's multiply-adds once. XLA's own gradient convolves the full kernel
-    over the s-times zero-dilated `dy` instead: s * s times the work (measured on 2 cores,
-    batch 4, ResNet's stride-2 3x3 convs: 128 channels at 160 x 160 102 -> 44 ms, 256 at
-    80 x 80 46 -> 18 ms, 512 at 40 x 40 31 -> 21 ms). The phases are then interleaved.
+    over the s-times zero-dilated `dy` instead: s * s times the work, which on CPU makes
+    the input gradients of a ResNet's stride-2 3x3 convs several times slower than their
+    forward passes. The phases are then interleaved.
 
     Args:
       dy: NHWC gradient of the convolution's output.
@@ -224,9 +241,9 @@ def conv2d(x, kernel, strides, padding, dilation, precision=None):
     (`kernel_gradient.kernel_grad`, on every platform: it is the same convolution without
     padding). Strided kernel gradients, stride-1 input gradients and the input gradients
     on other platforms (`lax.platform_dependent`) are XLA's own. (With XLA's convolutions
-    on Eigen, as `xla_options` sets, one matrix product per kernel tap no longer pays even
-    for thin kernels over large maps: in a U-Net-ResNet50 train step the 16->21 class
-    head's kernel gradient took 70 ms tap-wise, 42 ms as XLA's.)
+    on Eigen, as `xla_options` sets, one matrix product per kernel tap does not pay even
+    for thin kernels over large maps, such as a U-Net's class head: XLA's kernel gradient
+    is faster there.)
 
     Args:
       x: NHWC input.
@@ -271,12 +288,11 @@ conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 # From this many pixels per image (height x width) on, a 1x1 conv's kernel gradient is a
 # matrix product per image, summed: XLA:CPU runs a batched product with the pixels
 # contracted in place, where the single product over all pixels first transposes one
-# operand into pixels-minor order. Measured on 2 cores, batch 4, a relu-producer feeding
-# x: 80 x 80 256->64 12.5 -> 11.7 ms, 64->256 9.8 -> 5.5 ms; 40 x 40 256->512 11.6 ->
-# 9.7 ms, 512->128 7.2 -> 7.6 ms; but 20 x 20 1024->256 5.0 -> 9.1 ms and 10 x 10
-# 2048->512 3.6 -> 22 ms (the per-image products are too small). In whole train steps,
-# from 40 x 40 on: U-Net-ResNet50 2.74 -> 2.61 s (from 20 x 20 on: 2.69 s), FCN-ResNet50
-# 5.74 -> 5.60 s.
+# operand into pixels-minor order. On smaller maps the per-image products are too small
+# to pay for themselves, and the single product wins. The threshold was set from
+# single-layer timings of ResNet's 1x1 convs and whole train steps of the ResNet models
+# (`python -m benchmarks.model_benchmark --models=unet_resnet50,fcn_resnet50`); results in
+# `docs/performance.md`.
 MIN_PIXELS_PER_IMAGE_BATCHED = 40 * 40
 
 
@@ -291,7 +307,7 @@ def pointwise_conv(x: Array, kernel: Array, precision=None) -> Array:
     rule), the output gradient `dy` is the one transposed; formed as `x^T dy`, the input
     `x` is. The gradient here picks the form that transposes the operand with fewer
     channels: `x` for expanding convs (a bottleneck's conv3 and projection, 4x smaller).
-    Measured on 2 cores: FCN-ResNet50 train step 6.4 -> 5.4 s, U-Net-ResNet50 3.1 -> 2.5 s.
+    On large maps it is a product per image instead (`MIN_PIXELS_PER_IMAGE_BATCHED`).
     """
     return jax.lax.dot_general(x, kernel, (((3,), (0,)), ((), ())), precision=precision)
 
@@ -363,6 +379,8 @@ def _conv_taps(x, kernel, strides, padding, dilation, precision) -> Array:
 class Conv(nn.Conv):
     """`nn.Conv` with fast CPU paths: 1x1 convs as matmuls, faster gradients for the rest.
 
+    With `plain_ops` it is `nn.Conv`.
+
     * A 1x1 conv with zero padding is exactly `x[:, ::s, ::s] @ kernel[0, 0] + bias`, a
       matrix product over channels (`pointwise_conv`); XLA runs it (above all its backward
       pass) several times faster than the equivalent 1x1 convolution on CPU.
@@ -399,7 +417,7 @@ class Conv(nn.Conv):
     @nn.compact
     def __call__(self, inputs: Array) -> Array:
         plan, padding = self._plan(inputs)
-        if plan == 'flax':
+        if plan == 'flax' or uses_plain_ops():
             return super().__call__(inputs)
         kernel_size = _pair(self.kernel_size)
         in_features = inputs.shape[-1]
@@ -432,7 +450,8 @@ class ConvTranspose(nn.ConvTranspose):
     `depth_to_space` is exactly what `nn.ConvTranspose` computes (its `transpose_kernel=False`
     convention places tap (f - 1 - a, f - 1 - b) at offset (a, b)). XLA's own lowering
     convolves over the zero-dilated input, whose kernel gradient is among the slowest
-    operations on CPU. Parameters and other configurations are `nn.ConvTranspose`'s.
+    operations on CPU. Parameters and other configurations are `nn.ConvTranspose`'s; with
+    `plain_ops` it is `nn.ConvTranspose`.
     """
 
     def _block_stride(self, inputs: Array) -> int | None:
@@ -454,7 +473,7 @@ class ConvTranspose(nn.ConvTranspose):
     @nn.compact
     def __call__(self, inputs: Array) -> Array:
         f = self._block_stride(inputs)
-        if f is None:
+        if f is None or uses_plain_ops():
             return super().__call__(inputs)
         in_features = inputs.shape[-1]
         kernel = self.param(
@@ -480,10 +499,10 @@ class UpsampledConcatConv(Conv):
     concatenation's order, so parameters and checkpoints are those of a `Conv` applied to
     the concatenation. The convolution is split along the input channels: the upsampled
     part by `conv3x3_of_upsampled` at x's resolution, the skip (if any) by `Conv`'s own
-    path; their sum is the convolution of the concatenation. Measured on 2 cores, batch 4,
-    U-Net-ResNet50's decoder at 320 px, forward and both gradients
-    (`benchmarks/conv_benchmark.py`): 10 x 10 2048 + 1024 channels -> 256, 369 -> 250 ms;
-    40 x 40 128 + 256 -> 64, 244 -> 97 ms; 160 x 160 32 -> 16, 239 -> 69 ms.
+    path; their sum is the convolution of the concatenation. That saves the upsampled and
+    concatenated tensors and more than half of the upsampled part's multiply-adds, on
+    every platform (`python -m benchmarks.conv_benchmark --table=decoder` times it against
+    the conv of the concatenation). With `plain_ops` it is that conv of the concatenation.
 
     Only `features`, `use_bias`, the initialisers, dtypes and `precision` are used: the
     kernel size, strides and padding are fixed by what the layer computes.
@@ -509,6 +528,12 @@ class UpsampledConcatConv(Conv):
         inputs, skip, kernel, bias = self.promote_dtype(
             inputs, skip, kernel, bias, dtype=self.dtype
         )
+        if uses_plain_ops():
+            merged = upsample_nearest2x(inputs)
+            if skip is not None:
+                merged = jnp.concatenate([merged, skip], axis=-1)
+            y = _lax_conv(merged, kernel, (1, 1), ((1, 1), (1, 1)), (1, 1), self.precision)
+            return y if bias is None else y + bias
         y = conv3x3_of_upsampled(inputs, kernel[:, :, :up_channels], self.precision)
         if skip is not None:
             y = y + _conv_taps(

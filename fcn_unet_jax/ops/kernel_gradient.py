@@ -2,23 +2,20 @@
 
 XLA's CPU backend (Eigen) computes a convolution's kernel gradient as a convolution whose
 window is the output map; with the padding inside that convolution it runs far slower
-than the same gradient of a VALID convolution over an input padded beforehand. Measured
-on 2 cores, batch 4 (3x3 kernels unless noted), padding inside -> padded beforehand:
-
-* 64->64 at 80 x 80: 56 -> 26 ms; 384->64 at 80 x 80: 223 -> 125 ms;
-* 768->128 at 40 x 40: 148 -> 98 ms; 3072->256 at 20 x 20: 219 -> 180 ms;
-* dilation 2, 256->256 at 40 x 40: 84 -> 66 ms;
-* 2x2, one pixel of padding, 2048->1024 at 10 x 10: 6.6 s -> 103 ms.
-
-Strided convolutions are the exception (3x3 stride 2, 128 channels at 160 x 160:
-130 -> 213 ms; the 7x7 stem 50 -> 60 ms) and keep XLA's own gradient. The padded copy is
-a transient of the backward pass.
+than the same gradient of a VALID convolution over an input padded beforehand, for 3x3,
+dilated and 2x2 kernels alike. Strided convolutions are the exception (there the padded
+form is slower) and keep XLA's own gradient. The padded copy is a transient of the
+backward pass. The padded form is plain XLA and runs on every platform; with `plain_ops`
+XLA differentiates the convolution itself (`convolutions.Conv` is then `nn.Conv`).
+`python -m benchmarks.conv_benchmark --table=kernel_gradient` times the three forms of
+this module; results in `docs/performance.md`.
 
 That convolution treats the images as its input channels, so XLA first copies one of its
 operands into images-minor order, a transpose that walks the whole tensor across cache
 lines. Formed the usual way, the operand copied is the input; with the roles swapped
 (`kernel_grad_over_output_gradient`), it is the output gradient, which is the cheaper
-copy where a convolution narrows its channels (`transposes_output_gradient`).
+copy where a convolution narrows its channels (`transposes_output_gradient`). The
+swapped form is taken on XLA:CPU only (`lax.platform_dependent`).
 """
 
 import jax
@@ -30,15 +27,12 @@ Array = jax.Array
 # to at most this many outputs, on maps of at least MIN_PIXELS_SWAPPED pixels per image.
 # With few output channels the transposed copy is a large share of the gradient's time
 # (each input element takes part in kh kw out multiply-adds); with many, the convolution
-# dominates and Eigen runs the swapped one slower. Measured on 2 cores (Intel Xeon,
-# AVX-512), batch 4, 3x3, the usual form -> swapped: 80 x 80 256->64 71 -> 43 ms,
-# 512->128 172 -> 127 ms, 256->128 90 -> 73 ms; 40 x 40 512->128 40 -> 28 ms,
-# 1024->128 86 -> 61 ms; 160 x 160 64->32 57 -> 34 ms, 128->64 138 -> 106 ms; 20 x 20
-# 256->64 5.1 -> 2.8 ms. Not taken, and slower swapped: 40 x 40 1024->256 119 -> 125 ms,
-# 2048->512 429 -> 461 ms; 80 x 80 96->64 18 -> 23 ms; 10 x 10 512->128 2.7 -> 3.2 ms;
-# 2x2 2048->1024 at 10 x 10 41 -> 73 ms. Where XLA fuses the input's producer into the
-# copy (the classic U-Net's concatenation with a cropped skip), the two forms are about
-# level: 136 x 136 128->64 87 -> 92 ms alone, its train step unchanged (-2 +- 21 ms).
+# dominates and Eigen runs the swapped one slower; on very small maps neither copy costs
+# much and the swapped convolution is the slower. Where XLA fuses the input's producer
+# into the copy (the classic U-Net's concatenation with a cropped skip), the two forms are
+# about level. Measured per layer shape with
+# `python -m benchmarks.conv_benchmark --table=kernel_gradient` (its last column says
+# which form is taken); results in `docs/performance.md`.
 MAX_OUTPUT_CHANNELS_SWAPPED = 128
 MIN_PIXELS_SWAPPED = 20 * 20
 

@@ -2,12 +2,14 @@
 
 `nn.max_pool` lowers to XLA's `reduce_window`, whose gradient (`select_and_scatter`) the
 CPU backend computes through int32 index tensors of the (padded) input's size, several
-of them live at once: for a VGG16 U-Net at 320 px, batch 4, 100 MiB each at the first
-pooling alone, which put its train step's peak memory above PyTorch's (PyTorch keeps one
-int64 index per output). Here the gradient is recomputed from what the network keeps
+of them live at once: at the first pooling of a VGG16 U-Net they are among the largest
+tensors of the train step, and they put its peak memory above PyTorch's (PyTorch keeps
+one int64 index per output; `benchmarks/model_benchmark.py` measures both, results in
+`docs/performance.md`). Here the gradient is recomputed from what the network keeps
 anyway, the pooling's input and output: window position by window position, in row-major
 order, the input is compared with the window's maximum and the output gradient is placed
 where the first maximum sits. That is elementwise work XLA fuses, with nothing stored.
+It runs on every platform; with `plain_ops` the pooling is `nn.max_pool`, gradient and all.
 
 The function is `nn.max_pool`'s, gradient included: each window's gradient goes to its
 first maximum in row-major order, as `select_and_scatter` (and PyTorch) choose on ties,
@@ -18,8 +20,11 @@ order, which can differ in the last bit.
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from fcn_unet_jax.ops.switch import uses_plain_ops
 
 Array = jax.Array
 Pair = tuple[int, int]
@@ -89,7 +94,10 @@ def max_pool(
     Returns:
       The pooled batch.
     """
-    return _max_pool(x, tuple(window), tuple(strides), tuple(map(tuple, padding)))
+    window, strides, padding = tuple(window), tuple(strides), tuple(map(tuple, padding))
+    if uses_plain_ops():
+        return nn.max_pool(x, window, strides, padding)
+    return _max_pool(x, window, strides, padding)
 
 
 def max_pool_2x2(x: Array, ceil_mode: bool = False) -> Array:

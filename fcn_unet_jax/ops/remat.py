@@ -14,7 +14,9 @@ def remat(module_cls: type[nn.Module], enabled: bool, **kwargs: Any) -> Callable
     Lifting keeps the module's name, so parameter paths do not depend on `enabled`.
     `kwargs` go to `nn.remat` (e.g. `static_argnums=(2,)` for a positional `train` flag).
     The rematerialised module's first input passes through `xla_cpu.keep_recomputation`,
-    without which XLA:CPU undoes the rematerialisation.
+    without which XLA:CPU undoes the rematerialisation. Rematerialisation is a model
+    option (`config.model.remat`), not a rewrite: `plain_ops` keeps it and drops only
+    `keep_recomputation`.
     """
     if not enabled:
         return module_cls

@@ -7,12 +7,13 @@ each tile and the kernel are moved into the transform domain by fixed matrices
 product per transform point) and moved back (`Y = A^T M A`). F(2x2) needs 16/36 of the
 multiply-adds of the direct convolution, F(4x4) 36/144. The transforms are additions and
 multiplications by small constants, memory-bound passes that cost less than the saved
-products once both channel counts are a few dozen.
-
-Measured on 2 CPU cores (AVX2), batch 4 (`benchmarks/conv_benchmark.py`): the FCN-ResNet
-head's 2048->512 conv at 40 x 40 runs forward in 466 instead of 976 ms (F4) and forward
-plus both gradients in 1.30 instead of 2.47 s (F2); ResNet layer4's dilated 512->512 conv
-trains in 0.33 instead of 0.48 s, VGG16's 512->512 at 40 x 40 in 0.38 instead of 0.54 s.
+products once both channel counts are a few dozen. On XLA:CPU, whose direct convolution
+does every multiply-add, the widest layers of the model zoo (the FCN-ResNet head, ResNet's
+dilated layer4, VGG16's 512-channel blocks) then run markedly faster, forward and in
+training; `python -m benchmarks.conv_benchmark --table=winograd` times each layer shape
+both ways, and `docs/performance.md` holds the results. Only XLA:CPU runs the transformed
+form (`lax.platform_dependent`): other platforms convolve directly, as does `plain_ops`
+(`convolutions.Conv` then never calls this module).
 
 Dilated convolutions tile each of the dilation's residue classes: with dilation d the
 outputs `m d k + d i + r` (i < m) of one residue r read the inputs `m d k + d j + r`
@@ -78,30 +79,28 @@ _MATRICES = {
     ),
 }
 TILE_SIZES = tuple(_MATRICES)
-# Winograd pays once the harmonic channel count C_in C_out / (C_in + C_out) reaches these
-# (2 cores, batch 4). Inference, F(4x4): 384->64 (55) at 80 x 80 is at best even
-# (0.87-1x), 768->128 (110) at 40 x 40 is 1.2x faster, 128->32 (26) at 160 x 160 1.7x
-# slower. Training, F(2x2) forward and backward: 2048->512 (410) 2.25 -> 1.42 s, 512->512
-# (256) dilated 4 0.51 -> 0.39 s, but 256->256 (128) only 140 -> 111 ms and 384->64 no
-# faster, while each transformed convolution adds about 1 s to the train step's compile
-# time (33 of them would take FCN-ResNet101's past 50 s).
+# Winograd pays once the harmonic channel count C_in C_out / (C_in + C_out) reaches these:
+# the transforms cost in proportion to the channels, the saved products to their product.
+# Inference (F(4x4)) pays from a few dozen; training (F(2x2) forward and backward) saves
+# less per layer while each transformed convolution adds to the train step's compile
+# time, so only the widest layers are transformed there. Measured per layer shape with
+# `python -m benchmarks.conv_benchmark --table=winograd` (its last column says where
+# `pays` transforms); results in `docs/performance.md`.
 MIN_HARMONIC_CHANNELS = {'inference': 48, 'training': 192}
 # ... and once the input map has this many positions (height x width). Inference: small
-# maps leave too few tiles to amortise the transforms (batch 4: 512->512 at 16 x 16 0.72x;
-# at 20 x 20 even, 0.95-1.09x over four shapes; at 24 x 24 1.09-1.17x; at 32 x 32
-# 1.4-1.8x; batch 1, 3072->256 at 20 x 20 0.53x). Training is faster transformed even on
-# small maps (alone: 512->512 at 10 x 10 42 -> 25 ms, at 20 x 20 149 -> 118 ms; 3072->256
-# at 20 x 20 442 -> 322 ms), but there the transform-domain temporaries cost memory at the
-# worst moment: in a U-Net those maps are the bottom of the U, whose backward pass runs
-# while every skip activation and its gradient are alive, the step's peak. Transforming
-# them raised U-Net-VGG16's XLA buffers by 35 MiB (1088 -> 1123) and U-Net-ResNet50's by
-# 76 MiB (1071 -> 1147), their resident peaks by 70-130 MiB (U-Net-VGG16's above
-# PyTorch's), for step times that interleaved runs could not tell apart (U-Net-ResNet50:
-# 5.8-6.3 s transformed, 6.2-6.6 s direct; 320 px, batch 4).
+# maps leave too few tiles to amortise the transforms (the `map size` rows of
+# `python -m benchmarks.conv_benchmark --table=winograd`). Training is faster transformed
+# even on small maps, layer by layer, but there the transform-domain temporaries cost
+# memory at the worst moment: in a U-Net those maps are the bottom of the U, whose
+# backward pass runs while every skip activation and its gradient are alive, the step's
+# peak. Transforming them raised the U-Nets' peak memory (U-Net-VGG16's above PyTorch's)
+# for train steps no faster (`python -m benchmarks.model_benchmark`); results in
+# `docs/performance.md`.
 MIN_MAP_POSITIONS = {'inference': 24 * 24, 'training': 40 * 40}
 # Transformed inputs larger than this are formed a slice of input channels at a time, so
-# that a wide layer's transform-domain temporaries (the FCN head's 2048 channels: 210 MB
-# in F(2x2) at 40 x 40, batch 4) never all live at once, beside a step's activations.
+# that a wide layer's transform-domain temporaries never all live at once, beside a
+# step's activations (the FCN head's 2048 channels in F(2x2) at 40 x 40, batch 4, are
+# 16 points x 1,600 tiles x 2,048 channels x 4 bytes, about 210 MB).
 _MAX_TRANSFORMED_BYTES = 64 * 2**20
 # The inference pass takes F(4x4) unless its tiles cover this much more padded area
 # than F(2x2)'s (ResNet layer4's dilation 4 on a 40 x 40 map: 1.44 -> F(2x2)).
@@ -370,8 +369,8 @@ def _on_cpu(transformed, direct, *args):
 
     Chosen inside the custom VJP's rules, never around the differentiated function: a
     `lax.platform_dependent` there is a conditional that automatic differentiation
-    linearises branch by branch, which cost FCN-ResNet101's train step 2 s of tracing and
-    3 s of compilation where neither branch was transformed.
+    linearises branch by branch, which adds seconds of tracing and compilation to a deep
+    network's train step even where neither branch is transformed.
     """
     return jax.lax.platform_dependent(*args, cpu=transformed, default=direct)
 
@@ -392,8 +391,8 @@ def _kernel_grad_product(v: Array, dm: Array, precision) -> Array:
 
     The operand with fewer channels is transposed (inside the fusion that produces it)
     so that each product contracts its left operand's minor axis, the form YNNPACK runs;
-    contracting the tile axes of both, XLA:CPU fell back to a generic batched product
-    (16 x 3072 x 256 over 400 tiles: 513 ms).
+    contracting the tile axes of both, XLA:CPU falls back to a much slower generic batched
+    product.
     """
     if dm.shape[-1] > v.shape[-1]:
         return _batched(jnp.swapaxes(v, 1, 2), dm, 2, 1, precision)
@@ -418,10 +417,10 @@ def _transformed_vjp(x, kernel, dy, *, dilation, padding, precision):
     geometry = _geometry(x.shape, dilation, padding, 2)
     # The transformed input (4x the input's size) and kernel (16/9 the kernel's) are
     # recomputed rather than saved, and kept apart from the forward pass's, which XLA:CPU
-    # would otherwise keep alive from forward to backward (the VGG16 U-Net's 512 x 512
-    # layers, measured before the map floor left only its two at 40 x 40 transformed:
-    # 160 MB).
-    x, kernel = xla_cpu.keep_recomputation(x), xla_cpu.keep_recomputation(kernel)
+    # would otherwise keep alive from forward to backward, beside every activation. (A
+    # backward rule must not ask the `plain_ops` switch: see `xla_cpu`.)
+    x = xla_cpu.keep_recomputation_on_cpu(x)
+    kernel = xla_cpu.keep_recomputation_on_cpu(kernel)
     u = kernel_transform(kernel, geometry.m)
     dm = output_transform_transpose(dy, geometry)
     du, dx = [], []

@@ -3,13 +3,16 @@
 Two identity functions that change only how XLA:CPU schedules a program; every other
 platform gets the value unchanged (`lax.platform_dependent`), since their compilers weigh
 recomputation against memory traffic themselves and keep `jax.checkpoint`'s barriers.
+With `plain_ops` both are the identity everywhere.
 
 * `materialize(x)`: XLA:CPU fuses a chain of elementwise operations into every consumer
   that can take it, even where the value is materialised anyway for a consumer that cannot
   (a matrix product, a convolution). A ResNet stage's block outputs, each
   `relu(bn(conv) + previous)`, were so recomputed from the stage's first matrix product
   onwards inside later fusions, among them the backward pass's transposed copies for
-  kernel gradients, which read every input of the chain in transposed order.
+  kernel gradients, which read every input of the chain in transposed order. Computed
+  once, each consumer (the next block's matrix products and residual sum, a decoder's
+  skip convolution, the backward pass's copies) reads the value from one buffer.
   `jax.lax.optimization_barrier` does not stop this on CPU (the barriers are gone before
   fusion); a conditional does: its operand is a buffer, and XLA does not fuse across
   control flow.
@@ -24,6 +27,8 @@ recomputation against memory traffic themselves and keep `jax.checkpoint`'s barr
 import jax
 import jax.numpy as jnp
 
+from fcn_unet_jax.ops.switch import uses_plain_ops
+
 Array = jax.Array
 
 
@@ -36,31 +41,44 @@ def _through_conditional(x: Array) -> Array:
 
 
 @jax.custom_vjp
-def materialize(x: Array) -> Array:
-    """`x`, which consumers on CPU read from one buffer instead of fusing its producers.
-
-    The identity function, with the identity as its gradient. Other platforms get `x`
-    unchanged.
-    """
+def _materialize_on_cpu(x: Array) -> Array:
     return jax.lax.platform_dependent(x, cpu=_through_conditional, default=lambda v: v)
 
 
 def _materialize_fwd(x: Array):
-    return materialize(x), None
+    return _materialize_on_cpu(x), None
 
 
 def _materialize_bwd(_, grad: Array):
     return (grad,)
 
 
-materialize.defvjp(_materialize_fwd, _materialize_bwd)
+_materialize_on_cpu.defvjp(_materialize_fwd, _materialize_bwd)
+
+
+def materialize(x: Array) -> Array:
+    """`x`, which consumers on CPU read from one buffer instead of fusing its producers.
+
+    The identity function, with the identity as its gradient. Other platforms, and
+    `plain_ops`, get `x` unchanged.
+    """
+    return x if uses_plain_ops() else _materialize_on_cpu(x)
 
 
 def keep_recomputation(x: Array) -> Array:
     """`x` plus a zero that XLA's CPU compiler cannot prove equal across recomputations.
 
     A zero drawn from XLA's stateful RNG (never merged; `0 * r` is not folded for floats)
-    makes each recomputation distinct. Other platforms get `x` unchanged.
+    makes each recomputation distinct. Other platforms, and `plain_ops`, get `x` unchanged.
+    """
+    return x if uses_plain_ops() else keep_recomputation_on_cpu(x)
+
+
+def keep_recomputation_on_cpu(x: Array) -> Array:
+    """`keep_recomputation` without the switch, for custom backward rules.
+
+    A backward rule is traced after the forward pass, outside the `plain_ops` block, so
+    it must not ask the switch; it only runs where the tuned forward pass chose it.
     """
 
     def with_distinct_zero(x: Array) -> Array:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from fcn_unet_jax import models
-from tests.models.test_models import (
+from tests.models.helpers import (
     abstract_apply,
     abstract_init,
     count,
