@@ -7,18 +7,20 @@ randomised too, so every imported tensor changes the output), converts its state
 torchvision, segmentation-models-pytorch); without torch the module is skipped.
 """
 
-import functools
-
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import default
-from fcn_unet_jax import models, torch_interop, weights
+from fcn_unet_jax import torch_interop, weights
 from fcn_unet_jax.models.resnet import ResNet
 from fcn_unet_jax.models.vgg import VGG16
-from tests.weights.test_import import assert_relative_close
+from tests.weights.common import (
+    abstract_variables,
+    assert_relative_close,
+    backbone,
+    model_and_abstract,
+    unfilled,
+)
 
 torch = pytest.importorskip('torch')
 
@@ -63,30 +65,6 @@ def _nhwc(t):
     return t.detach().permute(0, 2, 3, 1).numpy()
 
 
-def _backbone(pretrained):
-    return {c: tree['backbone'] for c, tree in pretrained.items() if 'backbone' in tree}
-
-
-def _model_and_abstract(name, **overrides):
-    config = default.get_config().model
-    config.name = name
-    config.update(overrides)
-    model = models.build_model(config)
-    abstract = jax.eval_shape(
-        functools.partial(model.init, train=False),
-        jax.random.key(0),
-        jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32),
-    )
-    return model, abstract
-
-
-def _unfilled(merged):
-    flat = jax.tree_util.tree_flatten_with_path(
-        {c: merged[c] for c in ('params', 'batch_stats') if c in merged}
-    )[0]
-    return [jax.tree_util.keystr(p) for p, v in flat if isinstance(v, jax.ShapeDtypeStruct)]
-
-
 def test_load_state_dict_reads_torch_files(tmp_path):
     state = torchvision.models.resnet50(weights=None).state_dict()
     torch.save({'state_dict': {f'module.{k}': v for k, v in state.items()}}, tmp_path / 'w.pth')
@@ -96,7 +74,7 @@ def test_load_state_dict_reads_torch_files(tmp_path):
         np.testing.assert_array_equal(loaded[key], value.numpy())
 
 
-def test_resnet50_backbone():
+def test_resnet50backbone():
     reference = _randomise(torchvision.models.resnet50(weights=None))
     x, xt = _inputs()
     with torch.no_grad():
@@ -104,11 +82,11 @@ def test_resnet50_backbone():
         y = r.maxpool(r.relu(r.bn1(r.conv1(xt))))
         expected = _nhwc(r.layer4(r.layer3(r.layer2(r.layer1(y)))))
     pretrained = weights.from_torchvision(reference.state_dict(), 'fcn8s_resnet50')
-    ours = ResNet(depth=50).apply(_backbone(pretrained), x, train=False)[32]
+    ours = ResNet(depth=50).apply(backbone(pretrained), x, train=False)[32]
     print('resnet50 backbone: relative max diff', assert_relative_close(ours, expected))
-    _, abstract = _model_and_abstract('fcn8s_resnet50')
+    abstract = abstract_variables('fcn8s_resnet50')
     merged = weights.merge_pretrained(abstract, pretrained)
-    assert not [p for p in _unfilled(merged) if 'backbone' in p]
+    assert not [p for p in unfilled(merged) if 'backbone' in p]
 
 
 def test_vgg16_backbone_with_fc6_fc7():
@@ -118,7 +96,7 @@ def test_vgg16_backbone_with_fc6_fc7():
     # Plain form (smp's encoder): torchvision's features as they are.
     with torch.no_grad():
         expected = _nhwc(reference.features(xt))
-    ours = VGG16(fcn=False).apply(_backbone(pretrained), x, train=False)[32]
+    ours = VGG16(fcn=False).apply(backbone(pretrained), x, train=False)[32]
     print('vgg16 features: relative max diff', assert_relative_close(ours, expected))
 
     # FCN form: conv1_1 padded by 100, ceil-mode pooling, then the classifier's first two
@@ -134,15 +112,15 @@ def test_vgg16_backbone_with_fc6_fc7():
             torch.nn.functional.conv2d(features(xt), fc6.weight.view(4096, 512, 7, 7), fc6.bias)
         )
         y = torch.relu(torch.nn.functional.conv2d(y, fc7.weight.view(4096, 4096, 1, 1), fc7.bias))
-    ours = VGG16(fcn=True).apply(_backbone(pretrained), x, train=False)[32]
+    ours = VGG16(fcn=True).apply(backbone(pretrained), x, train=False)[32]
     print('vgg16 fc7 (FCN form): relative max diff', assert_relative_close(ours, _nhwc(y)))
 
     for name in ('fcn8s_vgg16', 'unet_vgg16'):
-        _, abstract = _model_and_abstract(name)
+        abstract = abstract_variables(name)
         merged = weights.merge_pretrained(
             abstract, weights.from_torchvision(reference.state_dict(), name)
         )
-        assert not [p for p in _unfilled(merged) if 'backbone' in p]
+        assert not [p for p in unfilled(merged) if 'backbone' in p]
 
 
 @pytest.mark.parametrize('depth', [50, 101])
@@ -156,9 +134,9 @@ def test_fcn_resnet_full_model_with_aux(depth):
         expected = {k: _nhwc(v) for k, v in reference(xt).items()}
     name = f'fcn_resnet{depth}'
     pretrained = weights.from_torchvision(reference.state_dict(), name)
-    model, abstract = _model_and_abstract(name, num_classes=21, aux_head=True)
+    model, abstract = model_and_abstract(name, num_classes=21, aux_head=True)
     variables = weights.merge_pretrained(abstract, pretrained)
-    assert _unfilled(variables) == []
+    assert unfilled(variables) == []
     ours = model.apply(variables, x, train=False)
     for key in ('out', 'aux'):
         print(f'{name} {key}: relative max diff', assert_relative_close(ours[key], expected[key]))
@@ -173,8 +151,30 @@ def test_smp_unet_full_model(encoder):
         expected = _nhwc(reference(xt))
     name = f'unet_{encoder}'
     pretrained = weights.from_torchvision(reference.state_dict(), name)
-    model, abstract = _model_and_abstract(name, num_classes=3)
+    model, abstract = model_and_abstract(name, num_classes=3)
     variables = weights.merge_pretrained(abstract, pretrained)
-    assert _unfilled(variables) == []
+    assert unfilled(variables) == []
     ours = model.apply(variables, x, train=False)
     print(f'smp Unet {encoder}: relative max diff', assert_relative_close(ours, expected))
+
+
+def test_converter_accepts_full_models(tmp_path):
+    """The converter's fit check builds the model each file fixes (aux head, decoder widths)."""
+    smp = pytest.importorskip('segmentation_models_pytorch')
+    sources = {
+        'fcn_resnet50': torchvision.models.segmentation.fcn_resnet50(
+            weights=None, weights_backbone=None, num_classes=21, aux_loss=True
+        ),
+        'unet_resnet50': smp.Unet(
+            'resnet50', encoder_weights=None, classes=3, decoder_channels=(128, 64, 32, 16, 8)
+        ),
+    }
+    for name, reference in sources.items():
+        path = tmp_path / f'{name}.pth'
+        torch.save(reference.state_dict(), path)
+        variables = weights.convert_file(path, name, tmp_path / name)
+        restored = weights.load_pretrained(tmp_path / name, model_name=name)
+        jax.tree.map(np.testing.assert_array_equal, restored, variables)
+    decoder = variables['params']['decoder']
+    widths = [decoder[f'block{j}']['conv2']['kernel'].shape[-1] for j in range(5)]
+    assert widths == [128, 64, 32, 16, 8]

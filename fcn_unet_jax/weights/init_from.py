@@ -1,0 +1,62 @@
+"""`config.init_from`: starting a run from a previous run, a converted checkpoint or a file.
+
+What the path names decides how strict the merge is (`merge.merge_variables`):
+
+- a previous run's workdir (it has `checkpoints/`), e.g. FCN staging 32s -> 16s -> 8s: a
+  partial merge takes every array whose path and shape match (backbone, score_fr, ...) and
+  the rest (new score layers, upsamplers of another size) keeps its initialisation;
+- a converted checkpoint (`python -m fcn_unet_jax.weights.convert`) or a raw weights file
+  (converted on the fly): a strict merge that refuses unexpected or misshaped arrays and
+  backbone arrays the file lacks, listing them all.
+"""
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+
+from fcn_unet_jax.weights.converted import load_pretrained
+from fcn_unet_jax.weights.merge import merge_variables
+from fcn_unet_jax.weights.rules import Variables
+
+
+def initialize_from(
+    path: str | os.PathLike[str],
+    variables: Mapping[str, Any],
+    model_config: ml_collections.ConfigDict,
+) -> Variables:
+    """Overlays the variables that `path` names onto a model's initial variables.
+
+    Args:
+        path: `config.init_from`: a previous run's workdir, a directory written by
+            `convert_file`, or a weights file (`.pth`, `.npz`, `.safetensors`, `.h5`, ...).
+        variables: the model's initial variables (host arrays, or `jax.ShapeDtypeStruct`s to
+            check the fit without computing anything).
+        model_config: the `config.model` the variables were built from (`name` and
+            `num_classes` select and convert the weights).
+
+    Returns:
+        The merged variables, with the structure of `variables` (plain dicts).
+
+    Raises:
+        WeightImportError: pretrained weights that do not fit the model, all problems listed.
+        ValueError: a converted checkpoint made for another model.
+        FileNotFoundError: nothing usable at `path`.
+    """
+    # checkpointing pulls in orbax, a noticeable part of `import fcn_unet_jax.weights`;
+    # only this path needs it.
+    from etils import epath
+
+    from fcn_unet_jax import checkpointing
+
+    path = os.fspath(path)
+    if (epath.Path(path) / checkpointing.CHECKPOINT_SUBDIR).exists():
+        loaded = checkpointing.restore_variables(path)
+        return merge_variables(variables, loaded, strict=False, origin=f'the run in {path}')
+    loaded = load_pretrained(
+        path, model_name=model_config.name, num_classes=model_config.num_classes
+    )
+    return merge_variables(
+        variables, loaded, strict=True, origin=f'the pretrained checkpoint {path}'
+    )
