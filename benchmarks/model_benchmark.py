@@ -3,8 +3,8 @@ r"""Train-step and inference speed of the model zoo, next to the PyTorch counter
 For each model, at one resolution and batch size, on random images and labels (the same
 NumPy arrays for both frameworks):
 
-* train img/s: the project's jitted `train.train_step` (forward, cross-entropy, backward,
-  SGD with momentum 0.9, BatchNorm statistics update), median of the timed steps;
+* train img/s: the trainer's jitted step, `train.jit_train_step` (forward, cross-entropy,
+  backward, SGD with momentum 0.9, BatchNorm statistics update), median of the timed steps;
 * infer img/s: the jitted `model.apply(..., train=False)` (logits at input size);
 * compile s: tracing, lowering and compiling the train step;
 * GFLOP/img: XLA's cost analysis of the forward pass with direct convolutions (lowered
@@ -188,9 +188,8 @@ def _jax_worker(name: str) -> dict[str, Any]:
     """Measures our model `name` (runs in its own process)."""
 
     import jax
-    import jax.numpy as jnp
 
-    from fcn_unet_jax import models, train
+    from fcn_unet_jax import inference, models, train
 
     _release_free_memory()
     base_rss = _rss_bytes()
@@ -203,16 +202,9 @@ def _jax_worker(name: str) -> dict[str, Any]:
     mesh = sharding.create_mesh()
     model = models.build_model(config.model)
     state, tx, schedule = train.create_train_state(config, model, mesh, jax.random.key(0))
-    replicated = sharding.replicated_sharding(mesh)
-    batch_sharding = sharding.batch_sharding(mesh)
-    batch = jax.device_put({'image': images, 'label': labels}, batch_sharding)
-    rng = jax.device_put(jax.random.key(1), replicated)
-    step_fn = jax.jit(
-        train.bind_train_step(config, model, tx, schedule),
-        in_shardings=(replicated, batch_sharding, replicated),
-        out_shardings=(replicated, replicated),
-        donate_argnums=(0,),
-    )
+    batch = jax.device_put({'image': images, 'label': labels}, sharding.batch_sharding(mesh))
+    rng = jax.device_put(jax.random.key(1), sharding.replicated_sharding(mesh))
+    step_fn = train.jit_train_step(config, model, tx, schedule, mesh)
     start = time.perf_counter()
     compiled_step = step_fn.lower(state, batch, rng).compile()
     compile_s = time.perf_counter() - start
@@ -237,7 +229,7 @@ def _jax_worker(name: str) -> dict[str, Any]:
         train_times = _time_steps(run_train_step, FLAGS.steps)
 
     variables = holder['state'].variables()
-    forward = jax.jit(lambda v, x: jnp.asarray(train._main_logits(model.apply(v, x, train=False))))
+    forward = jax.jit(lambda v, x: inference.main_logits(model.apply(v, x, train=False)))
     compiled_forward = forward.lower(variables, batch['image']).compile()
     infer_times = _time_steps(
         lambda: compiled_forward(variables, batch['image']).block_until_ready(), FLAGS.steps

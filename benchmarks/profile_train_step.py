@@ -2,11 +2,11 @@ r"""Where the time of one train step goes: a per-operation profile of the compil
 
 (`--mode=infer` profiles the jitted inference forward pass instead.)
 
-Compiles the project's `train.train_step` for one model (the set-up of `model_setup.py`,
-shared with `model_benchmark.py`), runs a few steps under `jax.profiler.trace`, and
-reads the trace back (`jax.profiler.ProfileData`): every XLA operation the CPU runtime
-executed is an event named after its HLO instruction. Events are matched to the optimised
-HLO module and grouped by what they compute:
+Compiles the project's train step (`train.jit_train_step`) for one model (the set-up of
+`model_setup.py`, shared with `model_benchmark.py`), runs a few steps under
+`jax.profiler.trace`, and reads the trace back (`jax.profiler.ProfileData`): every XLA
+operation the CPU runtime executed is an event named after its HLO instruction. Events are
+matched to the optimised HLO module and grouped by what they compute:
 
 * `conv kxk`: convolutions by window size: forward passes and input gradients (k = the
   kernel size), and filter gradients, which XLA emits as convolutions whose window is the
@@ -164,7 +164,7 @@ def main(argv):
     key = jax.device_put(jax.random.key(1), replicated)
     if FLAGS.mode == 'train':
         compiled = (
-            jax.jit(train.bind_train_step(config, model, tx, schedule), donate_argnums=(0,))
+            train.jit_train_step(config, model, tx, schedule, mesh)
             .lower(state, batch, key)
             .compile()
         )

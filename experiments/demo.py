@@ -20,7 +20,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from configs import shapes_fcn8s, shapes_unet
-from fcn_unet_jax import checkpointing, models, train, visualize, xla_options
+from fcn_unet_jax import checkpointing, inference, models, train, visualize, xla_options
 from fcn_unet_jax.data import builders, input_pipeline
 
 FLAGS = flags.FLAGS
@@ -55,8 +55,7 @@ def write_overlays(config: ml_collections.ConfigDict, workdir: str, count: int) 
 
     @jax.jit
     def predict(image):
-        outputs = model.apply(variables, image[None], train=False)
-        logits = outputs['out'] if isinstance(outputs, Mapping) else outputs
+        logits = inference.main_logits(model.apply(variables, image[None], train=False))
         return logits[0].argmax(-1)
 
     builder = builders.get_builder(config.dataset)

@@ -23,7 +23,7 @@ On `shapes` (minutes on a CPU):
         --config=configs/skip_ablation_shapes.py:unet --seeds=0,1,2 --output=workdirs/ablation_unet
 
 On real data, point `--config` at another config of the same family (e.g.
-`--config=configs/fcn8s_voc.py --config.init_from=...`); `--steps` overrides
+`--config=configs/fcn_voc.py:8s --config.init_from=...`); `--steps` overrides
 `num_train_steps` and `--variants=32s,8s` limits the variants.
 """
 
@@ -101,12 +101,8 @@ def family_variants(family: str, model_name: str) -> dict[str, Variant]:
 
 def _finished_report(workdir: str, num_steps: int) -> dict[str, Any] | None:
     """The run's final eval report if it finished all `num_steps` steps, else None."""
-    path = os.path.join(workdir, workdir_files.EVAL_RESULTS_FILE)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        report = json.load(f)
-    return report if report.get('step') == num_steps else None
+    report = workdir_files.read_eval_results(workdir)
+    return report if report is not None and report.get('step') == num_steps else None
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:

@@ -285,8 +285,16 @@ def _data_devices(mesh: Mesh | None) -> int:
     return 1 if mesh is None else sharding.data_axis_size(mesh)
 
 
-def _main_output(outputs: Array | Mapping[str, Array]) -> Array:
-    # torchvision FCNs with an aux head return {'out', 'aux'}; only 'out' is the prediction.
+def main_logits(outputs: Array | Mapping[str, Array]) -> Array:
+    """The prediction among a model's outputs.
+
+    Args:
+      outputs: what `model.apply` returns: logits, or `{'out': logits, 'aux': aux_logits}`
+        for torchvision FCNs with an aux head (the aux head only adds a training loss).
+
+    Returns:
+      The logits of the main head.
+    """
     return outputs['out'] if isinstance(outputs, Mapping) else outputs
 
 
@@ -325,7 +333,7 @@ def logits(
     (wh, ww), (th, tw) = plan.window, plan.tile
 
     def apply(windows: Array) -> Array:
-        return _main_output(model.apply(variables, windows, train=False)).astype(jnp.float32)
+        return main_logits(model.apply(variables, windows, train=False)).astype(jnp.float32)
 
     def extract(i: Array) -> Array:
         return jax.lax.dynamic_slice(padded, (i[0], i[1], i[2], 0), (1, wh, ww, channels))[0]

@@ -168,6 +168,41 @@ def segmentation_loss(
     return loss
 
 
+def crop_to_output(
+    logits: jax.Array, labels: jax.Array, pixel_weights: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array | None]:
+    """Center-crops the labels (and pixel weights) to a smaller output's height and width.
+
+    The classic VALID U-Net's output is smaller than its input (572 -> 388), so its loss
+    compares the output with the centre of the labels. Only training needs this:
+    evaluation goes through `inference`, whose output always has the input's size (the
+    VALID U-Net is overlap-tiled on a mirror-padded image).
+
+    Args:
+      logits: [N, h, w, C] model output.
+      labels: [N, H, W] labels with H >= h, W >= w.
+      pixel_weights: optional [N, H, W] per-pixel weights.
+
+    Returns:
+      (labels, pixel_weights), cropped to [N, h, w]; unchanged when the sizes agree.
+
+    Raises:
+      ValueError: when the output is larger than the labels.
+    """
+    size = logits.shape[1:3]
+    if size == labels.shape[1:3]:
+        return labels, pixel_weights
+    if size[0] > labels.shape[1] or size[1] > labels.shape[2]:
+        raise ValueError(f'Model output {size} is larger than the labels {labels.shape}.')
+    top = (labels.shape[1] - size[0]) // 2
+    left = (labels.shape[2] - size[1]) // 2
+
+    def crop(x):
+        return x[:, top : top + size[0], left : left + size[1]]
+
+    return crop(labels), None if pixel_weights is None else crop(pixel_weights)
+
+
 def total_loss(
     outputs: jax.Array | Mapping[str, jax.Array],
     labels: jax.Array,

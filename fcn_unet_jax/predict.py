@@ -4,7 +4,7 @@
         [--mode=whole|sliding --window_size=H,W --window_overlap=F --flip \\
          --scales=0.75,1,1.25 --batch_size=N]
 
-`DIR` is a training workdir: its resolved `config.json` (written by `train.py`) rebuilds the
+`DIR` is a training workdir: its resolved `config.json` (see `workdir.py`) rebuilds the
 model and its newest checkpoint gives the variables. `PATH` is an image file, a folder (its
 image files, not recursive) or a glob pattern. For each input `NAME.ext` three PNGs go to
 `OUTDIR`: `NAME.png` (class ids, mode L), `NAME_color.png` (the dataset palette) and

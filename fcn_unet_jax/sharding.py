@@ -52,7 +52,15 @@ def to_host(x: jax.Array) -> np.ndarray:
 
 
 def replicate(tree: Any, sharding: NamedSharding) -> Any:
-    """Puts identical host values of every process onto `sharding` (replicated)."""
+    """Puts identical host values of every process onto `sharding` (replicated).
+
+    Args:
+      tree: a pytree of host arrays, the same in every process (e.g. imported weights).
+      sharding: a replicated sharding (`replicated_sharding(mesh)`).
+
+    Returns:
+      The tree of global `jax.Array`s.
+    """
 
     def put(x):
         x = np.asarray(x)
@@ -62,7 +70,17 @@ def replicate(tree: Any, sharding: NamedSharding) -> Any:
 
 
 def global_batch(local_batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict:
-    """Assembles the global batch from every process's slice (non-numeric keys dropped)."""
+    """Assembles the global batch from every process's slice.
+
+    Args:
+      local_batch: this process's slice: arrays whose leading axis is the local batch
+        (the global batch divided by the process count).
+      sharding: the batch sharding (`batch_sharding(mesh)`).
+
+    Returns:
+      Global arrays of `process_count` times the local batch; entries of object dtype (e.g.
+      the eval file names) are left out.
+    """
     count = jax.process_count()
     return {
         key: jax.make_array_from_process_local_data(

@@ -11,8 +11,9 @@ Reproducibility: the input pipeline is a function of (seed, step) and dropout us
 `fold_in(key, step)`, so a run resumed from a checkpoint at step k ends with the same
 parameters as an uninterrupted one. Rerunning the same command resumes from `workdir`.
 
-Only process 0 writes logs, metrics and JSON files; every process takes part in
-checkpointing, as orbax requires.
+The mesh and the moves between host and global arrays are in `sharding.py`, the run
+directory's files in `workdir.py` (only process 0 writes them) and the checkpoints in
+`checkpointing.py` (every process takes part, as orbax requires).
 """
 
 import functools
@@ -62,31 +63,6 @@ class TrainState:
         return {'params': self.params, **self.model_state}
 
 
-def _main_logits(outputs) -> jax.Array:
-    return outputs['out'] if isinstance(outputs, Mapping) else outputs
-
-
-def _center_crop_to(x: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """Center-crops the spatial dims (1, 2) of `x` to `size` (the VALID U-Net's output)."""
-    top = (x.shape[1] - size[0]) // 2
-    left = (x.shape[2] - size[1]) // 2
-    return x[:, top : top + size[0], left : left + size[1]]
-
-
-def _align_targets(logits: jax.Array, *targets: jax.Array | None) -> list[jax.Array | None]:
-    """Crops labels/weights to a smaller output (the VALID U-Net's training crops).
-
-    Only training needs this: evaluation goes through `inference`, whose output always has
-    the input's size (the VALID U-Net is overlap-tiled on a mirror-padded image).
-    """
-    size = logits.shape[1:3]
-    if size == targets[0].shape[1:3]:
-        return list(targets)
-    if size[0] > targets[0].shape[1] or size[1] > targets[0].shape[2]:
-        raise ValueError(f'Model output {size} is larger than the labels {targets[0].shape}.')
-    return [None if t is None else _center_crop_to(t, size) for t in targets]
-
-
 def initial_variables(
     model: flax.linen.Module, config: ml_collections.ConfigDict, rng: jax.Array
 ) -> dict:
@@ -94,62 +70,6 @@ def initial_variables(
     height, width = config.input.crop_size
     images = jnp.zeros((1, height, width, config.model.input_channels), jnp.float32)
     return flax.core.unfreeze(model.init({'params': rng}, images, train=False))
-
-
-def _merge_pretrained(init: dict, loaded: Mapping, prefix: str = '') -> tuple[dict, list, list]:
-    """Takes every leaf of `loaded` whose path and shape match `init`; keeps init elsewhere."""
-    merged, taken, kept = {}, [], []
-    for key, value in init.items():
-        path = f'{prefix}{key}'
-        other = loaded.get(key) if isinstance(loaded, Mapping) else None
-        if isinstance(value, Mapping):
-            merged[key], t, k = _merge_pretrained(value, other or {}, path + '/')
-            taken += t
-            kept += k
-        elif other is not None and np.shape(other) == np.shape(value):
-            merged[key] = np.asarray(other, dtype=np.asarray(value).dtype)
-            taken.append(path)
-        else:
-            merged[key] = value
-            kept.append(path)
-    return merged, taken, kept
-
-
-def init_from(config: ml_collections.ConfigDict, variables: dict) -> dict:
-    """Overlays the variables named by `config.init_from` onto freshly initialised ones.
-
-    A previous run's workdir (FCN staging 32s -> 16s -> 8s) contributes every array whose
-    path and shape match (backbone, score_fr, ...); the rest (new score layers, upsamplers
-    of another size) keeps its initialisation, and both lists are logged. A converted
-    pretrained checkpoint or weights file goes through `fcn_unet_jax.weights`, which
-    refuses unexpected or mismatched arrays.
-
-    Args:
-      config: the full config (`init_from`, `model.name`, `model.num_classes`).
-      variables: the model's initial variables as host arrays.
-
-    Returns:
-      The merged variables (host arrays).
-    """
-    path = config.init_from
-    if (epath.Path(path) / checkpointing.CHECKPOINT_SUBDIR).exists():
-        loaded = checkpointing.restore_variables(path)
-        merged, taken, kept = _merge_pretrained(variables, loaded)
-        logging.info(
-            'Initialised %d arrays from the run in %s; %d keep their initialisation: %s',
-            len(taken),
-            path,
-            len(kept),
-            kept,
-        )
-        return merged
-    from fcn_unet_jax import weights  # The weights importer; only needed here.
-
-    loaded = weights.load_pretrained(
-        path, model_name=config.model.name, num_classes=config.model.num_classes
-    )
-    logging.info('Initialised from the pretrained checkpoint %s.', path)
-    return weights.merge_pretrained(variables, loaded)
 
 
 def create_train_state(
@@ -186,7 +106,10 @@ def create_train_state(
         rng
     )
     if config.init_from:
-        merged = init_from(config, jax.tree_util.tree_map(sharding.to_host, variables))
+        from fcn_unet_jax import weights  # The weights importer; only needed here.
+
+        host = jax.tree_util.tree_map(sharding.to_host, variables)
+        merged = weights.initialize_from(config.init_from, host, config.model)
         variables = sharding.replicate(merged, replicated)
     state = jax.jit(init, out_shardings=replicated)(variables)
     return state, tx, schedule
@@ -228,7 +151,9 @@ def train_step(
             rngs={'dropout': step_rng},
             mutable=list(MUTABLE_COLLECTIONS),
         )
-        labels, weights = _align_targets(_main_logits(outputs), batch['label'], batch.get('weight'))
+        labels, weights = losses.crop_to_output(
+            inference.main_logits(outputs), batch['label'], batch.get('weight')
+        )
         loss, terms = losses.total_loss(
             outputs, labels, loss_config, ignore_label=ignore_label, pixel_weights=weights
         )
@@ -264,6 +189,28 @@ def bind_train_step(
         schedule=schedule,
         loss_config=config.loss,
         ignore_label=config.dataset.ignore_label,
+    )
+
+
+def jit_train_step(
+    config: ml_collections.ConfigDict,
+    model: flax.linen.Module,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    mesh: Mesh,
+) -> Callable[[TrainState, Mapping[str, jax.Array], jax.Array], tuple[TrainState, dict]]:
+    """The train step as the trainer runs it (and the benchmarks measure it).
+
+    Returns:
+      `bind_train_step(config, model, tx, schedule)` jitted over `mesh`: the batch sharded,
+      the state and key replicated, the input state donated.
+    """
+    replicated = sharding.replicated_sharding(mesh)
+    return jax.jit(
+        bind_train_step(config, model, tx, schedule),
+        in_shardings=(replicated, sharding.batch_sharding(mesh), replicated),
+        out_shardings=(replicated, replicated),
+        donate_argnums=(0,),
     )
 
 
@@ -303,18 +250,33 @@ def prepare_dataset(config: ml_collections.ConfigDict) -> None:
         builders.prepare(config.dataset)
 
 
+def _check_batch_sizes(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+    for name in ('batch_size', 'eval_batch_size'):
+        if config[name] % mesh.size or config[name] % jax.process_count():
+            raise ValueError(
+                f'config.{name}={config[name]} must be divisible by the number of devices '
+                f'({mesh.size}) and processes ({jax.process_count()}).'
+            )
+
+
 class Trainer:
-    """Holds the model, mesh and compiled steps of one run."""
+    """The model, mesh, train state and compiled steps of one run.
+
+    Attributes:
+      config: the full config.
+      mesh: the data-parallel mesh (see `sharding.py`).
+      info: the dataset's `input_pipeline.DatasetInfo` (classes, palette).
+      model: the Flax module.
+      state: the replicated `TrainState`; `train_step` replaces it.
+      dropout_rng: the replicated base key of the dropout masks.
+      train_step: `jit_train_step(...)`: `(state, batch, rng) -> (state, summary)`.
+      eval_step: jitted `eval_step`: `(state, batch) -> confusion matrix`.
+    """
 
     def __init__(self, config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None):
         self.config = config
         self.mesh = sharding.create_mesh(devices)
-        for name in ('batch_size', 'eval_batch_size'):
-            if config[name] % self.mesh.size or config[name] % jax.process_count():
-                raise ValueError(
-                    f'config.{name}={config[name]} must be divisible by the number of devices '
-                    f'({self.mesh.size}) and processes ({jax.process_count()}).'
-                )
+        _check_batch_sizes(config, self.mesh)  # Before the dataset is prepared: fail fast.
         prepare_dataset(config)
         self.info = input_pipeline.get_dataset_info(config)
         if config.model.num_classes != self.info.num_classes:
@@ -331,12 +293,7 @@ class Trainer:
             out_shardings=self.replicated,
         )()
         self.state, tx, schedule = create_train_state(config, self.model, self.mesh, init_rng)
-        self.train_step = jax.jit(
-            bind_train_step(config, self.model, tx, schedule),
-            in_shardings=(self.replicated, self.batch_sharding, self.replicated),
-            out_shardings=(self.replicated, self.replicated),
-            donate_argnums=(0,),
-        )
+        self.train_step = jit_train_step(config, self.model, tx, schedule, self.mesh)
         self.eval_step = jax.jit(
             functools.partial(
                 eval_step,
@@ -355,8 +312,19 @@ class Trainer:
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state
         )
 
+    def restore(self, manager: checkpointing.CheckpointManager) -> int | None:
+        """Loads the newest usable checkpoint of `manager` into `state`.
+
+        Returns:
+          The checkpoint's step, or None (and `state` unchanged) when there is none.
+        """
+        state, step = manager.restore_latest(self.abstract_state())
+        if state is not None:
+            self.state = state
+        return step
+
     def train_batches(self, start_step: int):
-        """Global train batches from `start_step` on."""
+        """Global train batches from `start_step` on (the pipeline starts at the first one)."""
         iterator = input_pipeline.create_train_iterator(
             self.config,
             start_step=start_step,
@@ -370,10 +338,7 @@ class Trainer:
         """Scores of the current state on a whole split (every example exactly once)."""
         confusion = np.zeros((self.config.model.num_classes,) * 2, np.int64)
         iterable = input_pipeline.create_eval_iterable(
-            self.config,
-            split,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
+            self.config, split, process_index=jax.process_index(), process_count=jax.process_count()
         )
         for batch in iterable:
             batch = sharding.global_batch(batch, self.batch_sharding)
@@ -381,6 +346,14 @@ class Trainer:
         result = metrics.scores(confusion)
         result['confusion_matrix'] = confusion.tolist()
         return result
+
+    def write_report(
+        self, workdir: epath.Path, result: Mapping[str, Any], step: int, split: str
+    ) -> dict[str, Any]:
+        """Writes the evaluation report of `result` to the workdir and returns it."""
+        report = workdir_files.eval_report(result, self.info.class_names, step, split)
+        workdir_files.write_eval_results(workdir, report, self.config.dataset.eval_split)
+        return report
 
 
 def _scalar_summaries(result: Mapping[str, Any], prefix: str) -> dict[str, float]:
@@ -392,6 +365,80 @@ def _check_finite(step: int, summary: Mapping[str, jax.Array]) -> dict[str, floa
     if not np.isfinite(values['loss']):
         raise FloatingPointError(f'Non-finite loss {values["loss"]} at step {step}.')
     return values
+
+
+class _MetricsReporter:
+    """Writes train means per logging interval and eval scores to CLU and metrics.jsonl.
+
+    A step's summary is fetched (and its loss checked) only once the next step has been
+    dispatched, or before a checkpoint: the host never waits for the step in flight.
+
+    Attributes:
+      writer: the CLU writer (TensorBoard and log on process 0, log only elsewhere).
+      train_loss: the mean loss of the last interval written, None before the first.
+    """
+
+    def __init__(self, workdir: epath.Path, batch_size: int, step: int):
+        self.writer = metric_writers.create_default_writer(
+            workdir, just_logging=jax.process_index() != 0
+        )
+        self.train_loss: float | None = None
+        self._json_log = workdir_files.MetricsLog(workdir)
+        self._batch_size = batch_size
+        self._pending: tuple[int, Mapping[str, jax.Array]] | None = None
+        self._interval: list[dict[str, float]] = []
+        self._last_step, self._last_time = step, time.time()
+
+    def add(self, step: int, summary: Mapping[str, jax.Array]) -> None:
+        """Queues the device summary of `step`, checking the one queued before it."""
+        self.check()
+        self._pending = (step, summary)
+
+    def check(self) -> None:
+        """Checks the queued summary.
+
+        Raises:
+          FloatingPointError: on a NaN/Inf loss, naming the step.
+        """
+        if self._pending is not None:
+            self._interval.append(_check_finite(*self._pending))
+            self._pending = None
+
+    def write_train(self, step: int) -> None:
+        """Writes the means of the steps since the last write (nothing when there are none)."""
+        self.check()
+        if not self._interval:
+            return
+        means = {
+            f'train/{k}': float(np.mean([s[k] for s in self._interval])) for k in self._interval[0]
+        }
+        # Includes eval and checkpoint time in the interval: the user-visible throughput.
+        now = time.time()
+        examples = (step - self._last_step) * self._batch_size
+        means['train/examples_per_sec'] = examples / (now - self._last_time)
+        self._last_step, self._last_time = step, now
+        self._write(step, means)
+        self.train_loss = means['train/loss']
+        self._interval.clear()
+
+    def write_eval(self, step: int, result: Mapping[str, Any]) -> None:
+        """Writes the float scores of an evaluation result as `eval/...`."""
+        self._write(step, _scalar_summaries(result, 'eval/'))
+
+    def _write(self, step: int, scalars: Mapping[str, float]) -> None:
+        self.writer.write_scalars(step, scalars)
+        self._json_log.write(step, scalars)
+
+
+def _resume(trainer: Trainer, manager: checkpointing.CheckpointManager, workdir: epath.Path) -> int:
+    """Restores the workdir's newest checkpoint, if any; returns the step to start from."""
+    step = trainer.restore(manager)
+    if step is not None:
+        logging.info('Resumed from the checkpoint at step %d in %s.', step, workdir)
+    parameter_overview.log_parameter_overview(
+        jax.tree_util.tree_map(sharding.to_host, trainer.state.params), jax_logging_process=0
+    )
+    return int(sharding.to_host(trainer.state.step))
 
 
 def train_and_evaluate(
@@ -422,113 +469,63 @@ def train_and_evaluate(
     began = time.time()
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    is_main = jax.process_index() == 0
     trainer = Trainer(config, devices)
     workdir_files.write_config(workdir, config)
-    writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
-    json_log = workdir_files.MetricsLog(workdir)
     manager = checkpointing.CheckpointManager(workdir, keep=config.keep_checkpoints)
-
-    restored, restored_step = manager.restore_latest(trainer.abstract_state())
-    if restored is not None:
-        trainer.state = restored
-        logging.info('Resumed from the checkpoint at step %d in %s.', restored_step, workdir)
-    parameter_overview.log_parameter_overview(
-        jax.tree_util.tree_map(sharding.to_host, trainer.state.params), jax_logging_process=0
-    )
-    start_step = int(sharding.to_host(trainer.state.step))
-    total_steps = config.num_train_steps
+    start_step = _resume(trainer, manager, workdir)
     info = workdir_files.continue_run_info(
         workdir, workdir_files.run_info(config, trainer.mesh.devices.flat), start_step
     )
-    # Written now so that a run that crashes still records its hardware.
-    workdir_files.write_json(workdir / workdir_files.RUN_INFO_FILE, info)
+    workdir_files.write_run_info(workdir, info)  # Now: a run that crashes still records it.
 
-    hooks: list[Callable[[int], None]] = []
-    if is_main:
-        hooks.append(
-            periodic_actions.ReportProgress(
-                num_train_steps=total_steps, writer=writer, every_steps=config.log_every_steps
-            )
+    total_steps = config.num_train_steps
+    reporter = _MetricsReporter(workdir, config.batch_size, start_step)
+    hooks = []
+    if jax.process_index() == 0:
+        progress = periodic_actions.ReportProgress(
+            num_train_steps=total_steps, writer=reporter.writer, every_steps=config.log_every_steps
         )
-    summaries: dict[str, Any] = {'step': start_step, 'preempted': False}
-    interval: list[dict[str, float]] = []
-    pending = None  # (step, device summary) not yet checked: keeps one step in flight.
-
-    def flush_pending():
-        nonlocal pending
-        if pending is not None:
-            interval.append(_check_finite(*pending))
-            pending = None
-
-    last_log = {'step': start_step, 'time': time.time()}
-
-    def log_train(step):
-        flush_pending()
-        if not interval:
-            return
-        means = {f'train/{k}': float(np.mean([s[k] for s in interval])) for k in interval[0]}
-        # Includes eval and checkpoint time in the interval: the user-visible throughput.
-        elapsed = time.time() - last_log['time']
-        means['train/examples_per_sec'] = (step - last_log['step']) * config.batch_size / elapsed
-        last_log.update(step=step, time=time.time())
-        writer.write_scalars(step, means)
-        json_log.write(step, means)
-        summaries['train_loss'] = means['train/loss']
-        interval.clear()
-
-    def run_eval(step):
-        result = trainer.evaluate()
-        scalars = _scalar_summaries(result, 'eval/')
-        writer.write_scalars(step, scalars)
-        json_log.write(step, scalars)
-        return result
-
-    with checkpointing.SigtermFlag() as sigterm, metric_writers.ensure_flushes(writer):
-        batches = trainer.train_batches(start_step) if start_step < total_steps else iter(())
+        hooks.append(progress)
+    step, preempted, report = start_step, False, None
+    with checkpointing.SigtermFlag() as sigterm, metric_writers.ensure_flushes(reporter.writer):
+        batches = trainer.train_batches(start_step)  # A generator: nothing starts if done.
         for step in range(start_step + 1, total_steps + 1):
             with jax.profiler.StepTraceAnnotation('train', step_num=step):
                 batch = next(batches)
                 trainer.state, summary = trainer.train_step(
                     trainer.state, batch, trainer.dropout_rng
                 )
-            flush_pending()
-            pending = (step, summary)
+            reporter.add(step, summary)
             for hook in hooks:
                 hook(step)
             if step % config.log_every_steps == 0 or step == total_steps:
-                log_train(step)
+                reporter.write_train(step)
             if step % config.eval_every_steps == 0 and step != total_steps:
-                run_eval(step)
-            stop = sigterm.any_process()
-            if step % config.checkpoint_every_steps == 0 or step == total_steps or stop:
-                flush_pending()  # Never checkpoint a state whose loss was not finite.
+                reporter.write_eval(step, trainer.evaluate())
+            preempted = sigterm.any_process()
+            if step % config.checkpoint_every_steps == 0 or step == total_steps or preempted:
+                reporter.check()  # Never checkpoint a state whose loss was not finite.
                 manager.save(step, trainer.state)
-            summaries['step'] = step
-            if stop:
+            if preempted:
                 logging.warning('Stopped by SIGTERM after saving the checkpoint of step %d.', step)
-                summaries['preempted'] = True
                 break
-        log_train(summaries['step'])
+        reporter.write_train(step)
         manager.wait_until_finished()
-        if not summaries['preempted']:
+        if not preempted:
             split = config.dataset.eval_split
-            result = run_eval(summaries['step'])
-            report = workdir_files.eval_report(
-                result, trainer.info.class_names, summaries['step'], split
-            )
-            workdir_files.write_json(workdir / workdir_files.EVAL_RESULTS_FILE, report)
-            summaries['eval'] = report
-            logging.info(
-                'Final evaluation on %s at step %d: %s',
-                split,
-                summaries['step'],
-                _scalar_summaries(result, ''),
-            )
+            result = trainer.evaluate()
+            reporter.write_eval(step, result)
+            report = trainer.write_report(workdir, result, step, split)
+            scores = _scalar_summaries(result, '')
+            logging.info('Final evaluation on %s at step %d: %s', split, step, scores)
     manager.close()
-    info.update(end_step=summaries['step'], wall_seconds=info['wall_seconds'] + time.time() - began)
-    workdir_files.write_json(workdir / workdir_files.RUN_INFO_FILE, info)
-    summaries['run_info'] = info
+    info.update(end_step=step, wall_seconds=info['wall_seconds'] + time.time() - began)
+    workdir_files.write_run_info(workdir, info)
+    summaries = {'step': step, 'preempted': preempted, 'run_info': info}
+    if reporter.train_loss is not None:
+        summaries['train_loss'] = reporter.train_loss
+    if report is not None:
+        summaries['eval'] = report
     return summaries
 
 
@@ -557,21 +554,13 @@ def evaluate_checkpoint(
     split = split or config.dataset.eval_split
     trainer = Trainer(config, devices)
     manager = checkpointing.CheckpointManager(workdir, keep=config.keep_checkpoints)
-    state, step = manager.restore_latest(trainer.abstract_state())
+    step = trainer.restore(manager)
     manager.close()
-    if state is None:
+    if step is None:
         raise FileNotFoundError(f'No usable checkpoint in {workdir}.')
-    trainer.state = state
     start = time.time()
     result = trainer.evaluate(split)
-    report = workdir_files.eval_report(result, trainer.info.class_names, step, split)
-    name = workdir_files.eval_results_file(split, config.dataset.eval_split)
-    workdir_files.write_json(workdir / name, report)
-    logging.info(
-        'Evaluated step %d on %s in %.1f s: %s',
-        step,
-        split,
-        time.time() - start,
-        _scalar_summaries(result, ''),
-    )
+    report = trainer.write_report(workdir, result, step, split)
+    scores = _scalar_summaries(result, '')
+    logging.info('Evaluated step %d on %s in %.1f s: %s', step, split, time.time() - start, scores)
     return report

@@ -8,8 +8,10 @@ A training run writes, next to its `checkpoints/` (see `checkpointing.py`):
   evaluation of another split);
 * `run_info.json`: the hardware and software the run trained on and its wall time.
 
-`predict`, `predict_volume` and `experiments/` read runs through the readers here. Only
-process 0 writes; every writer is a no-op on the others.
+`train.py` writes them through the writers here; `predict`, `predict_volume`,
+`experiments/` and the tests read them through the readers (`read_config`,
+`read_metrics_log`, `read_eval_results`, `read_run_info`), so no other module spells a
+file name. Only process 0 writes; every writer is a no-op on the others.
 """
 
 import json
@@ -33,7 +35,7 @@ HARDWARE_KEYS = ('platform', 'device_kind', 'device_count', 'process_count')
 
 
 def jsonable(value: Any) -> Any:
-    """Converts NaN to None (valid JSON) and numpy scalars to Python numbers."""
+    """Converts NaN and infinities to None (valid JSON) and numpy scalars to Python numbers."""
     if isinstance(value, dict):
         return {k: jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -46,7 +48,16 @@ def jsonable(value: Any) -> Any:
 
 
 def write_json(path: str | os.PathLike[str], content: Mapping[str, Any]) -> None:
-    """Writes `content` as JSON atomically (process 0 only)."""
+    """Writes `content` as JSON atomically (process 0 only; a no-op elsewhere).
+
+    The text goes to a temporary file that is then renamed over `path`, so a reader, or a
+    crash mid-write, never sees half a file.
+
+    Args:
+      path: the file to (over)write.
+      content: JSON-serialisable values; numpy scalars are converted and NaN / Inf written
+        as null (see `jsonable`). Keys are sorted.
+    """
     if jax.process_index() != 0:
         return
     path = epath.Path(path)
@@ -56,13 +67,20 @@ def write_json(path: str | os.PathLike[str], content: Mapping[str, Any]) -> None
 
 
 def read_json(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The JSON object in `path`."""
+    """The JSON object in `path` (e.g. a run's config.json as a plain dict).
+
+    Raises:
+      FileNotFoundError: when `path` does not exist.
+    """
     with open(path) as f:
         return json.load(f)
 
 
 class MetricsLog:
-    """Appends one JSON object per line to `metrics.jsonl` (process 0 only)."""
+    """Appends one JSON object per line to `metrics.jsonl` (process 0 only).
+
+    NaN values are written as null (see `jsonable`); `read_metrics_log` reads the lines back.
+    """
 
     def __init__(self, workdir: str | os.PathLike[str]):
         self._path = epath.Path(workdir) / METRICS_LOG_FILE if jax.process_index() == 0 else None
@@ -73,6 +91,20 @@ class MetricsLog:
             return
         with open(self._path, 'a') as f:
             f.write(json.dumps(jsonable({'step': step, **scalars})) + '\n')
+
+
+def read_metrics_log(workdir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Every record of `workdir/metrics.jsonl`, in the order written.
+
+    Args:
+      workdir: the run's workdir.
+
+    Returns:
+      One dict per logged step and kind (`step` plus `train/...` means or `eval/...` scores);
+      a resumed run's records continue those of the runs before it.
+    """
+    with open(epath.Path(workdir) / METRICS_LOG_FILE) as f:
+        return [json.loads(line) for line in f]
 
 
 def _tuples(value: Any) -> Any:
@@ -107,6 +139,41 @@ def eval_results_file(split: str, default_split: str) -> str:
     if split == default_split:
         return EVAL_RESULTS_FILE
     return f'eval_results_{re.sub(r"[^A-Za-z0-9]+", "_", split).strip("_")}.json'
+
+
+def write_eval_results(
+    workdir: str | os.PathLike[str], report: Mapping[str, Any], default_split: str
+) -> None:
+    """Writes an `eval_report` to the file of its split (see `eval_results_file`).
+
+    Args:
+      workdir: the run's workdir.
+      report: the report of `eval_report`; its `split` names the file.
+      default_split: the run's `config.dataset.eval_split`, whose report is
+        `eval_results.json`.
+    """
+    write_json(epath.Path(workdir) / eval_results_file(report['split'], default_split), report)
+
+
+def read_eval_results(
+    workdir: str | os.PathLike[str], split: str | None = None
+) -> dict[str, Any] | None:
+    """An evaluation report that a run wrote, or None when it has not written it (yet).
+
+    Args:
+      workdir: the run's workdir.
+      split: the evaluated split; None reads `eval_results.json`, the final evaluation on
+        the run's own eval split. Another split's file name depends on the run's eval split,
+        read from its config.json.
+
+    Returns:
+      The report (see `eval_report`: `step`, `split`, every metric, `class_names`), or None.
+    """
+    name = EVAL_RESULTS_FILE
+    if split is not None:
+        name = eval_results_file(split, read_config(workdir).dataset.eval_split)
+    path = epath.Path(workdir) / name
+    return read_json(path) if path.exists() else None
 
 
 def eval_report(
@@ -150,6 +217,25 @@ def run_info(
     }
 
 
+def write_run_info(workdir: str | os.PathLike[str], info: Mapping[str, Any]) -> None:
+    """Writes `workdir/run_info.json` (see `run_info` and `continue_run_info`)."""
+    write_json(epath.Path(workdir) / RUN_INFO_FILE, info)
+
+
+def read_run_info(workdir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The run's `run_info.json`, or None for a run that never wrote one.
+
+    Args:
+      workdir: the run's workdir.
+
+    Returns:
+      `run_info(...)` plus `start_step`, `end_step` and `wall_seconds` (see
+      `continue_run_info`), or None.
+    """
+    path = epath.Path(workdir) / RUN_INFO_FILE
+    return read_json(path) if path.exists() else None
+
+
 def continue_run_info(
     workdir: str | os.PathLike[str], info: dict[str, Any], start_step: int
 ) -> dict[str, Any]:
@@ -158,13 +244,21 @@ def continue_run_info(
     The previous call's record is continued when it ended where this one starts (finished,
     or stopped by SIGTERM) on the same hardware; otherwise the time of the steps in between
     is unknown and the record starts again at `start_step` with no wall time.
+
+    Args:
+      workdir: the run's workdir (its run_info.json, if any, is the previous record).
+      info: this call's `run_info(...)`.
+      start_step: the step this call resumes from (0 for a new run).
+
+    Returns:
+      A copy of `info` with `start_step` and `wall_seconds` (0.0, or the previous record's).
     """
     info = dict(info, start_step=start_step, wall_seconds=0.0)
-    previous_path = epath.Path(workdir) / RUN_INFO_FILE
-    if start_step and previous_path.exists():
-        previous = read_json(previous_path)
-        if previous.get('end_step') == start_step and all(
-            previous.get(key) == info[key] for key in HARDWARE_KEYS
-        ):
-            info.update(start_step=previous['start_step'], wall_seconds=previous['wall_seconds'])
+    previous = read_run_info(workdir) if start_step else None
+    if (
+        previous is not None
+        and previous.get('end_step') == start_step
+        and all(previous.get(key) == info[key] for key in HARDWARE_KEYS)
+    ):
+        info.update(start_step=previous['start_step'], wall_seconds=previous['wall_seconds'])
     return info

@@ -6,19 +6,25 @@ and `dataset.name` to a registered tfds builder and builder config; its model is
 traced with `jax.eval_shape` at the config's own crop size, which costs no FLOPs.
 
 Real datasets (VOC, SBD, Cityscapes, a user's folder) are not available to tests, so only
-two configs, FCN-8s VGG16 (staged VOC recipe: summed loss, bias lr, frozen upsamplers) and
-FCN-ResNet50 (torchvision recipe: aux head, poly schedule), train their `runlocal` variant
+two configs, FCN-8s VGG16 (`fcn_voc.py:8s`, the staged VOC recipe: summed loss, bias lr,
+frozen upsamplers) and FCN-ResNet50 (`fcn_resnet_voc.py:50`, the torchvision recipe: aux
+head, poly schedule), train their `runlocal` variant
 for 2 steps with everything but the data kept: the dataset is swapped for a tiny build of
 the synthetic `shapes` data in a temporary data_dir (4 classes), and batches are sized for
 the 4 devices that conftest simulates. A U-Net config's runlocal variant
-(configs/skip_ablation_shapes.py) trains in tests/test_skip_ablation_experiment.py; the
+(configs/skip_ablation_shapes.py) trains in tests/experiments/test_skip_ablation.py; the
 other configs only trace, to keep the suite fast (one ResNet run compiles for ~30 s here).
+
+The family configs' arguments are checked too (a missing or unknown one is a one-line
+error naming the valid values), and so is the agreement of each replication config's
+docstring with the paper's number it records in `config.reported`.
 """
 
 import glob
 import importlib
 import math
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +32,7 @@ import ml_collections
 import pytest
 import tensorflow_datasets as tfds
 
-from configs import fcn_voc_recipe, folder_preset, skip_ablation_shapes
+from configs import fcn_resnet_voc, fcn_voc, folder_preset, skip_ablation_shapes
 from fcn_unet_jax import models, train
 from fcn_unet_jax.data import builders
 
@@ -35,6 +41,8 @@ pytestmark = pytest.mark.usefixtures('fast_compiles')
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Configs whose argument string picks a preset: every preset is checked.
 PRESETS = {
+    'fcn_voc': list(fcn_voc.STAGES),
+    'fcn_resnet_voc': list(fcn_resnet_voc.DEPTHS),
     'folder_preset': [f'{m},{s}' for m in folder_preset.MODELS for s in folder_preset.BATCH_SIZES],
     'skip_ablation_shapes': list(skip_ablation_shapes.FAMILY_RECIPES),
 }
@@ -93,22 +101,137 @@ def test_model_traces_at_config_crop_size(name, arg):
 
 
 def test_fcn_voc_stages_follow_the_reference_solvers():
-    stages = {name: load(name, None) for name in ('fcn32s_voc', 'fcn16s_voc', 'fcn8s_voc')}
-    assert stages['fcn32s_voc'].init_from == 'weights/vgg16_fcn'
-    assert stages['fcn16s_voc'].init_from == 'workdirs/fcn32s_voc'
-    assert stages['fcn8s_voc'].init_from == 'workdirs/fcn16s_voc'
-    for name, config in stages.items():
-        assert config.optimizer.learning_rate == fcn_voc_recipe.LEARNING_RATES[config.model.name]
+    stages = {stage: load('fcn_voc', stage) for stage in ('32s', '16s', '8s')}
+    assert stages['32s'].init_from == 'weights/vgg16_fcn'
+    assert stages['16s'].init_from == 'workdirs/fcn_voc_32s'
+    assert stages['8s'].init_from == 'workdirs/fcn_voc_16s'
+    for stage, config in stages.items():
+        assert config.optimizer.learning_rate == fcn_voc.STAGES[stage].learning_rate
         assert config.optimizer.momentum == 0.99
         assert config.loss.normalization == 'sum'
         assert config.batch_size == 1
-        assert min(config.input.crop_size) >= 500, name
-        assert load(name, 'runlocal').init_from is None
+        assert min(config.input.crop_size) >= 500, stage
+        assert load('fcn_voc', f'{stage},runlocal').init_from is None
+    learning_rates = {s: c.optimizer.learning_rate for s, c in stages.items()}
+    assert learning_rates == {'32s': 1e-10, '16s': 1e-12, '8s': 1e-14}
+    assert load('fcn_voc', '8s_atonce').init_from == 'weights/vgg16_fcn8s_atonce'
+    assert load('fcn_voc', '8s_atonce').optimizer.learning_rate == 1e-10
+
+
+def test_fcn_voc_launch_commands_chain_the_stages():
+    # Each stage's documented workdir is where the next stage's init_from looks.
+    for stage in fcn_voc.STAGES:
+        workdir = fcn_voc.WORKDIR.format(stage=stage)
+        command = f'--config=configs/fcn_voc.py:{stage}'
+        assert re.search(rf'{re.escape(command)} \\?\s*--workdir={workdir}\n', fcn_voc.__doc__)
+    assert fcn_voc.STAGES['16s'].init_from == fcn_voc.WORKDIR.format(stage='32s')
+    assert fcn_voc.STAGES['8s'].init_from == fcn_voc.WORKDIR.format(stage='16s')
+    for stage in ('32s', '8s_atonce'):
+        assert f'--output={fcn_voc.STAGES[stage].init_from}\n' in fcn_voc.__doc__
+    for depth in fcn_resnet_voc.DEPTHS.values():
+        assert f'--output={depth.init_from}\n' in fcn_resnet_voc.__doc__
 
 
 @pytest.mark.parametrize(
     ('name', 'arg'),
-    [('fcn8s_voc', None), ('fcn_resnet50_voc', None)],
+    [
+        ('fcn_voc', None),
+        ('fcn_voc', 'runlocal'),
+        ('fcn_voc', '4s'),
+        ('fcn_voc', '32s,16s'),
+        ('fcn_resnet_voc', None),
+        ('fcn_resnet_voc', '152,runlocal'),
+    ],
+)
+def test_family_config_refuses_a_missing_or_unknown_argument(name, arg):
+    valid = PRESETS[name]
+    with pytest.raises(ValueError, match=re.escape(', '.join(valid))) as error:
+        load(name, arg)
+    assert '\n' not in str(error.value)
+    assert f'configs/{name}.py' in str(error.value)
+
+
+def test_runlocal_combines_with_the_argument_in_any_order():
+    for name in ('fcn_voc', 'fcn_resnet_voc'):
+        for arg in PRESETS[name]:
+            first = load(name, f'runlocal,{arg}').to_dict()
+            assert first == load(name, f'{arg},runlocal').to_dict()
+            assert first['num_train_steps'] == 4 and first['init_from'] is None
+
+
+def _number(value: float) -> str:
+    return f'{value:.1f}'
+
+
+def _docstring_rows(doc: str, keys) -> dict[str, list[str]]:
+    """The words of the docstring's table rows: the first line each argument value opens."""
+    rows = {}
+    for words in (line.split() for line in doc.splitlines()):
+        if words and words[0] in keys:
+            rows.setdefault(words[0], words)
+    return rows
+
+
+def test_docstrings_state_the_reported_numbers_of_the_config():
+    # The number is written once, in config.reported; the docstrings repeat it for readers.
+    rows = _docstring_rows(fcn_voc.__doc__, fcn_voc.STAGES)
+    assert list(rows) == list(fcn_voc.STAGES)
+    for stage, spec in fcn_voc.STAGES.items():
+        reported = load('fcn_voc', stage).reported
+        row = rows[stage]
+        assert row[1:4] == [spec.model, f'{spec.learning_rate:.0e}', spec.init_from], row
+        if reported.mean_iou is None:
+            assert row[4:] == ['none', 'of', 'its', 'own']
+        else:
+            assert row[4:] == [_number(reported.mean_iou)]
+    for depth in fcn_resnet_voc.DEPTHS:
+        reported = load('fcn_resnet_voc', depth).reported
+        line = ' '.join(_docstring_rows(fcn_resnet_voc.__doc__, [depth])[depth])
+        assert (
+            f'mean IoU {_number(reported.mean_iou)}, '
+            f'pixel accuracy {_number(reported.pixel_accuracy)}'
+        ) in line
+    unet_paper = importlib.import_module('configs.unet_paper')
+    assert f'IoU {unet_paper.IOU_PHC_U373} on PhC-U373' in unet_paper.__doc__
+    assert f'{unet_paper.IOU_DIC_HELA} on DIC-HeLa' in unet_paper.__doc__
+    cityscapes = load('fcn8s_cityscapes', None).reported
+    assert f'Table 4: {_number(cityscapes.mean_iou)} class IoU' in re.sub(
+        r'\s+', ' ', importlib.import_module('configs.fcn8s_cityscapes').__doc__
+    )
+
+
+def test_replication_configs_record_what_their_number_applies_to():
+    recorded = {}
+    for name, arg in CASES:
+        config = load(name, arg)
+        if not config.reported.recipe:
+            assert config.reported.to_dict() == load('default', None).reported.to_dict()
+            continue
+        recorded[config.reported.recipe] = config
+        applies_to = dict(config.reported.applies_to)
+        assert {'model.name', 'dataset.name', 'dataset.eval_split'} <= set(applies_to)
+        assert applies_to['model.name'] == config.model.name
+        assert applies_to['dataset.name'] == config.dataset.name
+        assert applies_to['dataset.eval_split'] == config.dataset.eval_split
+        # A smoke run keeps the recipe's identity.
+        runlocal = load(name, with_runlocal(arg)).reported.to_dict()
+        assert runlocal == config.reported.to_dict()
+    assert sorted(recorded) == [
+        'configs/fcn8s_cityscapes.py',
+        'configs/fcn_resnet_voc.py:101',
+        'configs/fcn_resnet_voc.py:50',
+        'configs/fcn_voc.py:16s',
+        'configs/fcn_voc.py:32s',
+        'configs/fcn_voc.py:8s',
+        'configs/fcn_voc.py:8s_atonce',
+        'configs/unet_paper.py',
+    ]
+    assert dict(recorded['configs/unet_paper.py'].reported.applies_to)['model.padding'] == 'VALID'
+
+
+@pytest.mark.parametrize(
+    ('name', 'arg'),
+    [('fcn_voc', '8s'), ('fcn_resnet_voc', '50')],
 )
 def test_runlocal_trains_on_shapes(name, arg, shapes_small_data_dir, tmp_path):
     config = load(name, with_runlocal(arg))

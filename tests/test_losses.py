@@ -124,3 +124,17 @@ def test_unknown_names_and_shape_mismatch_raise():
         losses.cross_entropy(logits, labels, normalization='batch')
     with pytest.raises(ValueError, match='do not match'):
         losses.total_loss(logits[:, :-1], labels, _loss_config())
+
+
+def test_crop_to_output_takes_the_centre_of_labels_and_weights():
+    labels = np.arange(2 * 7 * 9).reshape(2, 7, 9).astype(np.int32)
+    weights = labels.astype(np.float32) / 10
+    logits = jnp.zeros((2, 3, 4, 5))
+    cropped, cropped_weights = losses.crop_to_output(logits, labels, weights)
+    np.testing.assert_array_equal(cropped, labels[:, 2:5, 2:6])
+    np.testing.assert_array_equal(cropped_weights, weights[:, 2:5, 2:6])
+    assert losses.crop_to_output(logits, labels)[1] is None
+    same, same_weights = losses.crop_to_output(jnp.zeros((2, 7, 9, 5)), labels, weights)
+    assert same is labels and same_weights is weights
+    with pytest.raises(ValueError, match='larger than the labels'):
+        losses.crop_to_output(jnp.zeros((2, 8, 9, 5)), labels)

@@ -1,4 +1,4 @@
-"""Tests of the prediction CLI on a 2-step run of a tiny U-Net.
+"""Tests of the prediction CLI on the session's tiny run (conftest: a 4-step tiny U-Net).
 
 Covered: odd-sized, grayscale and much-larger-than-training images, sliding windows and
 flip TTA, unreadable files (reported and skipped), folder / file / glob inputs, the exit
@@ -12,13 +12,10 @@ import sys
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 from PIL import Image
 
-from fcn_unet_jax import inference, predict, train
+from fcn_unet_jax import inference, predict
 from fcn_unet_jax import workdir as workdir_files
-from fcn_unet_jax.data import builders
-from tests.test_train import REPO, tiny_config
 
 NUM_CLASSES = 4  # shapes: background, circle, rectangle, triangle.
 
@@ -27,17 +24,9 @@ pytestmark = pytest.mark.usefixtures('fast_compile')
 
 
 @pytest.fixture(scope='module')
-def workdir(tmp_path_factory) -> str:
-    """A finished 2-step run of a width-1/16 U-Net on 32 px crops."""
-    data_dir = str(tmp_path_factory.mktemp('tfds'))
-    config = tiny_config(data_dir, num_train_steps=2)
-    builders.get_builder(config.dataset).download_and_prepare(
-        file_format='array_record',
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False),
-    )
-    path = str(tmp_path_factory.mktemp('run'))
-    train.train_and_evaluate(config, path)
-    return path
+def workdir(tiny_trained_run) -> str:
+    """The session's finished run of a width-1/16 U-Net on 32 px crops (read-only)."""
+    return str(tiny_trained_run.workdir)
 
 
 @pytest.fixture(scope='module')
@@ -135,13 +124,11 @@ def test_nothing_readable_gives_a_nonzero_status(workdir, tmp_path):
         predict.find_inputs(str(tmp_path / 'missing' / '*.png'))
 
 
-def test_command_line_with_a_glob(workdir, palette, tmp_path, fast_compile):
+def test_command_line_with_a_glob(workdir, palette, tmp_path, subprocess_env, repo_root):
     _save(tmp_path / 'one.png', (40, 30, 3))
     _corrupt(tmp_path / 'two.png')
     _save(tmp_path / 'three.jpg', (40, 30, 3))  # Not matched by the glob.
     output = tmp_path / 'out'
-    env = dict(os.environ, PYTHONPATH=REPO, **fast_compile)
-    env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
     command = [
         sys.executable,
         '-m',
@@ -153,7 +140,9 @@ def test_command_line_with_a_glob(workdir, palette, tmp_path, fast_compile):
         '--window_size=32,32',
         '--scales=0.75,1',
     ]
-    process = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)
+    process = subprocess.run(
+        command, env=subprocess_env, cwd=repo_root, capture_output=True, text=True
+    )
     assert process.returncode == 0, process.stderr
     assert 'two.png' in process.stderr
     assert sorted(os.listdir(output)) == ['one.png', 'one_color.png', 'one_overlay.png']

@@ -12,7 +12,6 @@ import shutil
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
 nibabel = pytest.importorskip('nibabel')
 pytest.importorskip('pydicom')
@@ -84,12 +83,8 @@ def workdir(root, tmp_path_factory) -> str:
     config.input.crop_size = (16, 16)
     config.batch_size = config.eval_batch_size = 4  # conftest forces 4 host devices.
     config.num_train_steps = 2
-    builders.get_builder(config.dataset).download_and_prepare(
-        file_format='array_record',
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False),
-    )
     path = str(tmp_path_factory.mktemp('run'))
-    train.train_and_evaluate(config, path)
+    train.train_and_evaluate(config, path)  # Builds the dataset on its first run.
     return path
 
 

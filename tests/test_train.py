@@ -5,12 +5,10 @@ Covered: 1 vs 4 devices, exact resume, NaN error, SIGTERM save and resume throug
 full labels, init_from, frozen variables, bfloat16.
 """
 
-import json
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import jax
@@ -23,53 +21,11 @@ from fcn_unet_jax import checkpointing, models, optimizers, sharding, train
 from fcn_unet_jax import workdir as workdir_files
 from fcn_unet_jax.data import input_pipeline
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 pytestmark = pytest.mark.usefixtures('fast_compile')
 
 
-@pytest.fixture(scope='module')
-def data_dir(shapes_small_data_dir: str) -> str:
-    """The session's read-only `shapes/small` build (conftest), under this module's name."""
-    return shapes_small_data_dir
-
-
-def tiny_config(data_dir: str, **overrides):
-    """A U-Net with BatchNorm at width 1/16 on 32 px crops: a few seconds per run."""
-    config = default.get_config()
-    config.dataset.name = 'shapes/small'
-    config.dataset.data_dir = data_dir
-    config.dataset.train_split = 'train[:64]'
-    config.dataset.eval_split = 'validation[:8]'
-    config.input.crop_size = (32, 32)
-    config.input.eval_pad_size = (64, 64)
-    config.model.width = 0.0625
-    config.model.batch_norm = True
-    config.batch_size = 4
-    config.eval_batch_size = 4
-    # SGD keeps parameter differences proportional to gradient differences, so 1 vs 4 device
-    # runs can be compared tightly (Adam's normalisation amplifies float noise in ~0 grads).
-    config.optimizer.name = 'sgd'
-    config.optimizer.learning_rate = 0.05
-    config.optimizer.schedule = 'constant'  # Independent of num_train_steps (resume test).
-    config.num_train_steps = 4
-    config.log_every_steps = 1
-    config.eval_every_steps = 100
-    config.checkpoint_every_steps = 100
-    for key, value in overrides.items():
-        section, _, field = key.rpartition('.')
-        (config[section] if section else config)[field] = value
-    return config
-
-
-def read_log(workdir) -> list[dict]:
-    with open(os.path.join(workdir, workdir_files.METRICS_LOG_FILE)) as f:
-        return [json.loads(line) for line in f]
-
-
 def train_losses(workdir) -> list[float]:
-    return [r['train/loss'] for r in read_log(workdir) if 'train/loss' in r]
+    return [r['train/loss'] for r in workdir_files.read_metrics_log(workdir) if 'train/loss' in r]
 
 
 def saved_params(workdir):
@@ -83,51 +39,48 @@ def assert_trees_close(a, b, **tolerance):
 
 
 @pytest.fixture(scope='module')
-def four_device_run(data_dir, tmp_path_factory):
-    """The reference: 4 steps straight on 4 devices."""
-    workdir = tmp_path_factory.mktemp('four_devices')
-    summaries = train.train_and_evaluate(tiny_config(data_dir), str(workdir))
-    return workdir, summaries
+def four_device_run(tiny_trained_run):
+    """The reference: `tiny_config()`, 4 steps straight on 4 devices (conftest)."""
+    return tiny_trained_run.workdir, tiny_trained_run.summaries
 
 
 def test_run_writes_everything(four_device_run):
     workdir, summaries = four_device_run
     assert summaries['step'] == 4 and not summaries['preempted']
     assert np.isfinite(summaries['train_loss'])
-    with open(workdir / workdir_files.EVAL_RESULTS_FILE) as f:
-        report = json.load(f)
+    report = workdir_files.read_eval_results(workdir)
     assert report == summaries['eval']
     assert set(report['per_class_iou']) == {'background', 'circle', 'rectangle', 'triangle'}
     assert 0 <= report['mean_iou'] <= 1
     assert np.sum(report['confusion_matrix']) == 8 * 64 * 64  # Every real pixel, once.
-    assert json.loads((workdir / workdir_files.CONFIG_FILE).read_text())['model']['width'] == 0.0625
+    assert workdir_files.read_config(workdir).model.width == 0.0625
     assert len(train_losses(workdir)) == 4
     assert list(os.listdir(workdir / 'checkpoints')) == ['4']
     assert any(name.startswith('events.out.tfevents') for name in os.listdir(workdir))
 
 
-def test_one_device_matches_four_devices(four_device_run, data_dir, tmp_path):
+def test_one_device_matches_four_devices(four_device_run, tiny_config, tmp_path):
     workdir, _ = four_device_run
-    train.train_and_evaluate(tiny_config(data_dir), str(tmp_path), devices=jax.devices()[:1])
+    train.train_and_evaluate(tiny_config(), str(tmp_path), devices=jax.devices()[:1])
     np.testing.assert_allclose(train_losses(tmp_path), train_losses(workdir), rtol=1e-4)
     assert_trees_close(saved_params(tmp_path), saved_params(workdir), rtol=1e-4, atol=1e-5)
 
 
-def test_resume_matches_uninterrupted_run(four_device_run, data_dir, tmp_path):
+def test_resume_matches_uninterrupted_run(four_device_run, tiny_config, tmp_path):
     workdir, _ = four_device_run
-    stopped = train.train_and_evaluate(tiny_config(data_dir, num_train_steps=2), str(tmp_path))
+    stopped = train.train_and_evaluate(tiny_config(num_train_steps=2), str(tmp_path))
     assert stopped['step'] == 2
-    resumed = train.train_and_evaluate(tiny_config(data_dir), str(tmp_path))
+    resumed = train.train_and_evaluate(tiny_config(), str(tmp_path))
     assert resumed['step'] == 4
     assert train_losses(tmp_path) == pytest.approx(train_losses(workdir), rel=1e-6)
     assert_trees_close(saved_params(tmp_path), saved_params(workdir), rtol=1e-6, atol=1e-7)
 
 
-def test_eval_with_sliding_windows_and_flip(four_device_run, data_dir, tmp_path):
+def test_eval_with_sliding_windows_and_flip(four_device_run, tiny_config, tmp_path):
     workdir, _ = four_device_run
     shutil.copytree(workdir, tmp_path, dirs_exist_ok=True)  # Keep the shared run as it is.
     config = tiny_config(
-        data_dir, **{'eval.mode': 'sliding', 'eval.window_size': (32, 32), 'eval.flip': True}
+        **{'eval.mode': 'sliding', 'eval.window_size': (32, 32), 'eval.flip': True}
     )
     report = train.evaluate_checkpoint(config, str(tmp_path), split='validation[:4]')
     assert report['step'] == 4
@@ -135,12 +88,11 @@ def test_eval_with_sliding_windows_and_flip(four_device_run, data_dir, tmp_path)
     assert 0 <= report['mean_iou'] <= 1 and 0 <= report['pixel_accuracy'] <= 1
 
 
-def test_valid_unet_eval_scores_every_labelled_pixel(data_dir):
+def test_valid_unet_eval_scores_every_labelled_pixel(tiny_config):
     # The VALID U-Net's output is smaller than its input; inference overlap-tiles a mirrored
     # image, so evaluation covers the full label, not only a centre crop of it.
     config = tiny_config(
-        data_dir,
-        **{'model.padding': 'VALID', 'model.batch_norm': False, 'input.crop_size': (188, 188)},
+        **{'model.padding': 'VALID', 'model.batch_norm': False, 'input.crop_size': (188, 188)}
     )
     config.dataset.eval_split = 'validation[:4]'
     trainer = train.Trainer(config, jax.devices())
@@ -152,21 +104,18 @@ def test_valid_unet_eval_scores_every_labelled_pixel(data_dir):
     assert np.sum(trainer.evaluate()['confusion_matrix']) == labelled
 
 
-def test_nan_loss_names_the_step(data_dir, tmp_path):
+def test_nan_loss_names_the_step(tiny_config, tmp_path):
     # An enormous learning rate overflows the parameters in the first update, so the second
     # step's loss is not finite.
-    config = tiny_config(
-        data_dir,
-        **{'optimizer.learning_rate': 1e38, 'model.batch_norm': False},
-    )
+    config = tiny_config(**{'optimizer.learning_rate': 1e38, 'model.batch_norm': False})
     with pytest.raises(FloatingPointError, match='at step 2'):
         train.train_and_evaluate(config, str(tmp_path))
     assert not os.listdir(tmp_path / 'checkpoints')  # Nothing non-finite was saved.
 
 
-def test_init_from_previous_workdir(four_device_run, data_dir):
+def test_init_from_previous_workdir(four_device_run, tiny_config):
     workdir, _ = four_device_run
-    config = tiny_config(data_dir, init_from=str(workdir))
+    config = tiny_config(init_from=str(workdir))
     mesh = sharding.create_mesh()
     model = models.build_model(config.model)
     state, _, _ = train.create_train_state(config, model, mesh, jax.random.key(7))
@@ -226,43 +175,18 @@ def test_bfloat16_compute_keeps_float32_params_and_loss():
     assert summary['loss'].dtype == jnp.float32 and np.isfinite(float(summary['loss']))
 
 
-def _main_command(workdir, data_dir, *extra):
-    return [
-        sys.executable,
-        '-m',
-        'fcn_unet_jax.main',
-        f'--config={REPO}/configs/default.py',
-        f'--workdir={workdir}',
-        '--config.dataset.name=shapes/small',
-        f'--config.dataset.data_dir={data_dir}',
-        '--config.dataset.train_split=train[:64]',
-        '--config.dataset.eval_split=validation[:8]',
-        '--config.input.crop_size=(32, 32)',
-        '--config.input.eval_pad_size=(64, 64)',
-        '--config.model.width=0.0625',
-        '--config.batch_size=4',
-        '--config.eval_batch_size=4',
-        '--config.log_every_steps=1',
-        '--config.eval_every_steps=100000',
-        '--config.checkpoint_every_steps=100000',
-        *extra,
-    ]
-
-
-def _env(fast_compile_env):
-    env = dict(os.environ, PYTHONPATH=REPO, **fast_compile_env)
-    env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
-    return env
+# The long run must neither evaluate nor checkpoint before it is stopped.
+_NO_EVAL_OR_CHECKPOINT = {'eval_every_steps': 100000, 'checkpoint_every_steps': 100000}
 
 
 @pytest.mark.slow
 def test_main_sigterm_saves_at_step_boundary_then_resumes_and_evaluates(
-    data_dir, tmp_path, fast_compile
+    tiny_main_command, subprocess_env, repo_root, tmp_path
 ):
     """SIGTERM mid-run saves the current step; rerunning the command finishes the run."""
-    long_run = _main_command(tmp_path, data_dir, '--config.num_train_steps=100000')
+    long_run = tiny_main_command(tmp_path, num_train_steps=100000, **_NO_EVAL_OR_CHECKPOINT)
     process = subprocess.Popen(
-        long_run, env=_env(fast_compile), cwd=REPO, stderr=subprocess.PIPE, text=True
+        long_run, env=subprocess_env, cwd=repo_root, stderr=subprocess.PIPE, text=True
     )
     log = tmp_path / workdir_files.METRICS_LOG_FILE
     deadline = time.time() + 120
@@ -276,15 +200,17 @@ def test_main_sigterm_saves_at_step_boundary_then_resumes_and_evaluates(
     assert 'Stopped by SIGTERM' in stderr
     steps = checkpointing.CheckpointManager(str(tmp_path), keep=None).all_steps()
     assert len(steps) == 1 and 2 <= steps[0] < 100000
-    assert not (tmp_path / workdir_files.EVAL_RESULTS_FILE).exists()
+    assert workdir_files.read_eval_results(tmp_path) is None
 
-    finish = _main_command(tmp_path, data_dir, f'--config.num_train_steps={steps[0] + 1}')
-    subprocess.run(finish, env=_env(fast_compile), cwd=REPO, check=True, capture_output=True)
-    report = json.loads((tmp_path / workdir_files.EVAL_RESULTS_FILE).read_text())
+    finish = tiny_main_command(tmp_path, num_train_steps=steps[0] + 1, **_NO_EVAL_OR_CHECKPOINT)
+    run = {'env': subprocess_env, 'cwd': repo_root, 'check': True, 'capture_output': True}
+    subprocess.run(finish, **run)
+    report = workdir_files.read_eval_results(tmp_path)
     assert report['step'] == steps[0] + 1
 
-    evaluate = _main_command(tmp_path, data_dir, '--mode=eval', '--split=validation[:4]')
-    subprocess.run(evaluate, env=_env(fast_compile), cwd=REPO, check=True, capture_output=True)
-    split_report = json.loads((tmp_path / 'eval_results_validation_4.json').read_text())
+    evaluate = tiny_main_command(tmp_path, '--mode=eval', '--split=validation[:4]')
+    subprocess.run(evaluate, **run)
+    split_report = workdir_files.read_eval_results(tmp_path, 'validation[:4]')
+    assert (tmp_path / 'eval_results_validation_4.json').exists()
     assert split_report['step'] == steps[0] + 1 and split_report['split'] == 'validation[:4]'
     assert np.sum(split_report['confusion_matrix']) == 4 * 64 * 64

@@ -1,10 +1,10 @@
 """Tests of experiments/replicate.py and of the run_info.json that train.py writes.
 
 Most tests write fake run directories with the files train.py writes (config.json from the
-real recipe configs, eval_results.json through `workdir_files.eval_report`, run_info.json from
-`workdir_files.run_info`), so no training is needed; one tiny real run on `shapes/small` checks that
-`train_and_evaluate` writes run_info.json, continues it when rerun, and that the table
-reads it.
+real recipe configs, with the paper's number in their `reported` section; eval_results.json
+through `workdir_files.eval_report`; run_info.json from `workdir_files.run_info`), so no
+training is needed; one tiny real run on `shapes/small` checks that `train_and_evaluate`
+writes run_info.json, continues it when rerun, and that the table reads it.
 """
 
 import json
@@ -15,17 +15,11 @@ import numpy as np
 import pytest
 from etils import epath
 
-from configs import (
-    default,
-    fcn8s_atonce_voc,
-    fcn16s_voc,
-    fcn32s_voc,
-    fcn_resnet50_voc,
-    shapes_unet,
-)
+from configs import default, fcn_resnet_voc, fcn_voc, shapes_unet
 from experiments import replicate
 from fcn_unet_jax import metrics, train
 from fcn_unet_jax import workdir as workdir_files
+from tests.test_configs import CASES, load
 
 
 def _confusion(num_classes: int, correct: int, wrong: int) -> np.ndarray:
@@ -68,64 +62,87 @@ TPU = {'platform': 'tpu', 'device_kind': 'TPU v4', 'device_count': 4, 'local_dev
 
 
 def test_match_recipe_uses_model_dataset_and_split():
-    assert replicate.match_recipe(fcn32s_voc.get_config().to_dict()) == 'fcn32s_voc'
-    assert replicate.match_recipe(fcn16s_voc.get_config().to_dict()) == 'fcn16s_voc'
+    assert replicate.match_recipe(fcn_voc.get_config('32s').to_dict()) == 'configs/fcn_voc.py:32s'
+    assert replicate.match_recipe(fcn_voc.get_config('16s').to_dict()) == 'configs/fcn_voc.py:16s'
     # A smoke run keeps the recipe's identity; the table notes its other schedule.
-    assert replicate.match_recipe(fcn32s_voc.get_config('runlocal').to_dict()) == 'fcn32s_voc'
-    other_split = fcn32s_voc.get_config()
+    smoke = fcn_voc.get_config('32s,runlocal').to_dict()
+    assert replicate.match_recipe(smoke) == 'configs/fcn_voc.py:32s'
+    other_split = fcn_voc.get_config('32s')
     other_split.dataset.eval_split = 'validation[:10]'
     assert replicate.match_recipe(other_split.to_dict()) is None
+    assert replicate.changed_fields(other_split.to_dict()) == [
+        ('dataset.eval_split', 'validation[:10]', 'validation')
+    ]
     assert replicate.match_recipe(shapes_unet.get_config().to_dict()) is None
     assert replicate.match_recipe(default.get_config().to_dict()) is None
+    # The recipe names the config that rebuilds it.
+    assert replicate.recipe_config('configs/fcn_voc.py:8s').to_dict() == (
+        fcn_voc.get_config('8s').to_dict()
+    )
 
 
-def test_table_of_record_holds_the_papers_numbers():
-    reported = {name: r.mean_iou for name, r in replicate.REPORTED.items()}
-    assert reported['fcn32s_voc'] == 63.6
-    assert reported['fcn16s_voc'] == 65.0
-    assert reported['fcn8s_voc'] == 65.5
-    assert reported['fcn_resnet50_voc'] == 60.5
-    assert reported['fcn_resnet101_voc'] == 63.7
-    for name in ('fcn_resnet50_voc', 'fcn_resnet101_voc'):
-        assert 'COCO' in replicate.REPORTED[name].caveat
-    # Every recipe is a config file whose signature is unique.
-    signatures = replicate._recipe_signatures()
+def test_configs_hold_the_papers_numbers():
+    reported = {stage: fcn_voc.get_config(stage).reported for stage in fcn_voc.STAGES}
+    assert reported['32s'].mean_iou == 63.6
+    assert reported['16s'].mean_iou == 65.0
+    assert reported['8s'].mean_iou == 65.5
+    assert reported['8s_atonce'].mean_iou is None
+    assert '65.5 mean IU' in reported['8s_atonce'].caveat
+    resnet = {depth: fcn_resnet_voc.get_config(depth).reported for depth in ('50', '101')}
+    assert (resnet['50'].mean_iou, resnet['50'].pixel_accuracy) == (60.5, 91.4)
+    assert (resnet['101'].mean_iou, resnet['101'].pixel_accuracy) == (63.7, 91.9)
+    for depth in ('50', '101'):
+        assert 'COCO' in resnet[depth].caveat
+    # Every recipe is a config whose signature (the fields its number applies to) is unique.
+    signatures = {}
+    for name, arg in CASES:
+        config = load(name, arg)
+        if config.reported.recipe:
+            signatures[config.reported.recipe] = config.reported.applies_to
+    assert len(signatures) == 8
     assert len(set(signatures.values())) == len(signatures)
 
 
 def test_rows_delta_hardware_batch_and_outputs(tmp_path):
     runs = tmp_path / 'workdirs'
-    r32 = write_run(runs / 'fcn32s_voc', fcn32s_voc.get_config(), info=TPU)
-    r16 = write_run(runs / 'fcn16s_voc', fcn16s_voc.get_config(), correct=19)
-    resnet = fcn_resnet50_voc.get_config()
-    write_run(runs / 'fcn_resnet50_voc', resnet, info=TPU | {'process_count': 2})
+    r32 = write_run(runs / 'fcn_voc_32s', fcn_voc.get_config('32s'), info=TPU)
+    r16 = write_run(runs / 'fcn_voc_16s', fcn_voc.get_config('16s'), correct=19)
+    resnet = fcn_resnet_voc.get_config('50')
+    write_run(runs / 'fcn_resnet_voc_50', resnet, info=TPU | {'process_count': 2})
     custom = shapes_unet.get_config()
     write_run(runs / 'shapes_unet', custom, files=('config', 'eval'))
 
-    paths = [str(runs / n) for n in ('fcn32s_voc', 'fcn16s_voc', 'fcn_resnet50_voc')]
+    paths = [str(runs / n) for n in ('fcn_voc_32s', 'fcn_voc_16s', 'fcn_resnet_voc_50')]
     results = replicate.collect(paths + [str(runs / 'shapes_unet')])
     rows = {os.path.basename(row['run']): row for row in results['rows']}
-    assert list(rows) == ['fcn32s_voc', 'fcn16s_voc', 'fcn_resnet50_voc', 'shapes_unet']
+    assert list(rows) == ['fcn_voc_32s', 'fcn_voc_16s', 'fcn_resnet_voc_50', 'shapes_unet']
 
-    row = rows['fcn32s_voc']
-    assert row['recipe'] == 'fcn32s_voc' and row['title'] == 'FCN-32s'
+    row = rows['fcn_voc_32s']
+    assert row['recipe'] == 'configs/fcn_voc.py:32s' and row['title'] == 'FCN-32s'
     assert row['mean_iou'] == pytest.approx(100 * r32['mean_iou'])
     assert row['delta'] == pytest.approx(100 * r32['mean_iou'] - 63.6)
     assert row['pixel_accuracy'] == pytest.approx(100 * r32['pixel_accuracy'])
     assert row['hardware'] == '4 x TPU v4'
     assert row['global_batch_size'] == 1 and row['step'] == 100_000
     assert row['wall_seconds'] == 7200.0 and row['notes'] == []
-    assert rows['fcn16s_voc']['delta'] == pytest.approx(100 * r16['mean_iou'] - 65.0)
-    assert rows['fcn16s_voc']['hardware'] == f'{jax.device_count()} x cpu'
-    assert rows['fcn_resnet50_voc']['hardware'] == '4 x TPU v4 (2 hosts)'
-    assert rows['fcn_resnet50_voc']['global_batch_size'] == 32
-    assert 'not comparable: COCO subset' in rows['fcn_resnet50_voc']['notes']
+    assert rows['fcn_voc_16s']['delta'] == pytest.approx(100 * r16['mean_iou'] - 65.0)
+    assert rows['fcn_voc_16s']['hardware'] == f'{jax.device_count()} x cpu'
+    assert rows['fcn_resnet_voc_50']['hardware'] == '4 x TPU v4 (2 hosts)'
+    assert rows['fcn_resnet_voc_50']['global_batch_size'] == 32
+    assert 'not comparable: COCO subset' in rows['fcn_resnet_voc_50']['notes']
     # No recipe and no run_info.json: listed anyway, hardware unknown, batch from config.
     unknown = rows['shapes_unet']
     assert unknown['recipe'] is None and unknown['delta'] is None
     assert unknown['reported_mean_iou'] is None
     assert unknown['hardware'] == 'unknown' and unknown['wall_seconds'] is None
     assert unknown['global_batch_size'] == custom.batch_size
+    # The reported sections of the compared recipes, as their runs' config.json hold them.
+    assert list(results['reported']) == [
+        'configs/fcn_voc.py:32s',
+        'configs/fcn_voc.py:16s',
+        'configs/fcn_resnet_voc.py:50',
+    ]
+    assert results['reported']['configs/fcn_voc.py:32s']['mean_iou'] == 63.6
 
     table = replicate.markdown_table(results)
     lines = table.splitlines()
@@ -145,6 +162,7 @@ def test_rows_delta_hardware_batch_and_outputs(tmp_path):
     assert cells[7:11] == ['100,000', '1', '4 x TPU v4', '2.0 h']
     assert [c.strip() for c in body[3].split('|')[1:-1]][3] == '—'
     assert 'Caveats:' in table and 'COCO' in table and 'Sources:' in table
+    assert '(`voc-fcn32s/`); configs/fcn_voc.py:32s' in table
 
     output = tmp_path / 'out'
     replicate.write_outputs(results, str(output))
@@ -153,9 +171,9 @@ def test_rows_delta_hardware_batch_and_outputs(tmp_path):
 
 
 def test_departures_from_the_recipe_are_noted(tmp_path):
-    smoke = fcn8s_atonce_voc.get_config('runlocal')
+    smoke = fcn_voc.get_config('8s_atonce,runlocal')
     write_run(tmp_path / 'smoke', smoke, step=2, info={'start_step': 0, 'end_step': 2})
-    resumed = fcn32s_voc.get_config()
+    resumed = fcn_voc.get_config('32s')
     write_run(tmp_path / 'resumed', resumed, info={'start_step': 40_000})
     notes = replicate.replication_row(str(tmp_path / 'smoke'))['notes']
     assert 'no separate number: compare with staged FCN-8s' in notes
@@ -165,9 +183,105 @@ def test_departures_from_the_recipe_are_noted(tmp_path):
     assert row['wall_seconds'] is None and row['notes'] == ['resumed at step 40,000']
 
 
+def test_the_number_comes_from_the_runs_config_json(tmp_path):
+    # A config the table knows nothing about: its run's config.json alone carries the number.
+    config = shapes_unet.get_config()
+    default.set_reported(
+        config,
+        recipe='configs/shapes_unet.py',
+        title='Shapes U-Net',
+        split_label='shapes val',
+        metric='mean IoU',
+        mean_iou=42.5,
+        pixel_accuracy=88.0,
+        source='a test',
+        flag='made up',
+        caveat='Not a paper.',
+    )
+    report = write_run(tmp_path / 'run', config, info=TPU)
+    results = replicate.collect([str(tmp_path / 'run')])
+    row = results['rows'][0]
+    assert row['recipe'] == 'configs/shapes_unet.py' and row['title'] == 'Shapes U-Net'
+    assert row['reported_mean_iou'] == 42.5 and row['reported_pixel_accuracy'] == 88.0
+    assert row['delta'] == pytest.approx(100 * report['mean_iou'] - 42.5)
+    assert row['split_label'] == 'shapes val' and row['reported_metric'] == 'mean IoU'
+    # The recipe's schedule is shapes_unet.py's: this run keeps it.
+    assert row['notes'] == ['made up']
+    table = replicate.markdown_table(results)
+    assert '| Shapes U-Net | unet | shapes/small / validation (shapes val) | 42.5 mean IoU |' in (
+        table
+    )
+    assert '- Shapes U-Net: Not a paper.' in table
+    assert '- Shapes U-Net: a test; configs/shapes_unet.py' in table
+
+
+@pytest.mark.parametrize(
+    ('name', 'arg', 'field', 'value'),
+    [
+        ('fcn_voc', '32s', 'model.name', 'fcn16s_vgg16'),
+        ('fcn_resnet_voc', '50', 'dataset.name', 'voc_segmentation/sbd_fcn'),
+        ('unet_paper', None, 'model.padding', 'SAME'),
+    ],
+)
+def test_a_run_that_changes_what_the_number_applies_to_is_not_compared(
+    name, arg, field, value, tmp_path
+):
+    # Launched with a replication config but another model, data or padding: the run's
+    # config.json still carries the recipe's number, which must not be compared with it.
+    config = load(name, arg)
+    recipe_value = dict(config.reported.applies_to)[field]
+    section, key = field.split('.')
+    config[section][key] = value
+    write_run(tmp_path / 'run', config)
+    results = replicate.collect([str(tmp_path / 'run')])
+    row = results['rows'][0]
+    assert row['recipe'] is None and row['title'] is None
+    assert row['reported_mean_iou'] is None and row['delta'] is None
+    assert row['notes'][0] == (
+        f'not compared with {config.reported.recipe}: {field} {value} (recipe: {recipe_value})'
+    )
+    assert results['reported'] == {}
+    table = replicate.markdown_table(results)
+    cells = [c.strip() for c in table.splitlines()[4].split('|')[1:-1]]
+    assert (cells[0], cells[3], cells[5]) == ('—', '—', '—')
+    assert 'Sources:' not in table and 'Caveats:' not in table
+
+
+def _replication_cases():
+    return [(n, a) for n, a in CASES if load(n, a).reported.recipe]
+
+
+@pytest.mark.parametrize(('name', 'arg'), _replication_cases())
+def test_every_replication_config_reaches_the_table(name, arg, tmp_path):
+    config = load(name, arg)
+    reported = config.reported
+    report = write_run(tmp_path / 'run', config, info=TPU)
+    results = replicate.collect([str(tmp_path / 'run')])
+    row = results['rows'][0]
+    assert row['recipe'] == reported.recipe and row['title'] == reported.title
+    assert row['reported_mean_iou'] == reported.mean_iou
+    assert row['reported_pixel_accuracy'] == reported.pixel_accuracy
+    table = replicate.markdown_table(results)
+    cells = [c.strip() for c in table.splitlines()[4].split('|')[1:-1]]
+    assert cells[0] == reported.title
+    assert cells[2].endswith(f'({reported.split_label})')
+    if reported.mean_iou is None:
+        assert cells[3] == '—' and cells[5] == '—'
+    else:
+        assert cells[3] == f'{reported.mean_iou:.1f} {reported.metric}'
+        assert cells[5] == f'{100 * report["mean_iou"] - reported.mean_iou:+.1f}'
+    if reported.flag:
+        assert reported.flag in cells[11]
+    if reported.caveat:
+        assert f'- {reported.title}: {reported.caveat}' in table
+    assert f'- {reported.title}: {reported.source}; {reported.recipe}' in table
+    saved = json.loads((tmp_path / 'run' / workdir_files.CONFIG_FILE).read_text())
+    assert results['reported'] == {reported.recipe: saved['reported']}
+
+
 def test_incomplete_runs_are_skipped_or_refused(tmp_path):
-    write_run(tmp_path / 'done', fcn32s_voc.get_config())
-    write_run(tmp_path / 'training', fcn16s_voc.get_config(), files=('config', 'run_info'))
+    write_run(tmp_path / 'done', fcn_voc.get_config('32s'))
+    write_run(tmp_path / 'training', fcn_voc.get_config('16s'), files=('config', 'run_info'))
     (tmp_path / 'empty').mkdir()
     runs = replicate.expand_runs([str(tmp_path / '*')])
     assert runs == [str(tmp_path / n) for n in ('done', 'empty', 'training')]

@@ -13,25 +13,19 @@ import pytest
 from configs import skip_ablation_shapes
 from experiments import skip_ablation
 from fcn_unet_jax import train
+from fcn_unet_jax import workdir as workdir_files
 
 pytestmark = pytest.mark.usefixtures('fast_compile')
 
 
 @pytest.fixture(scope='module')
-def tiny_config(shapes_small_data_dir):
+def base_config(shrink_to_tiny):
     """The sweep's U-Net base config at runlocal size on 16 train / 4 validation images."""
-    config = skip_ablation_shapes.get_config('unet,runlocal')
-    config.dataset.data_dir = shapes_small_data_dir
-    config.dataset.train_split = 'train[:16]'
-    config.dataset.eval_split = 'validation[:4]'
-    config.model.width = 0.0625
-    config.input.crop_size = (32, 32)
-    config.input.eval_pad_size = (64, 64)
-    # Batches must split over the 4 devices that conftest simulates.
-    config.batch_size = 4
-    config.eval_batch_size = 4
-    config.num_train_steps = 2
-    return config
+    return shrink_to_tiny(
+        skip_ablation_shapes.get_config('unet,runlocal'),
+        **{'dataset.train_split': 'train[:16]', 'dataset.eval_split': 'validation[:4]'},
+        num_train_steps=2,
+    )
 
 
 def test_family_variants():
@@ -47,9 +41,9 @@ def test_family_variants():
         skip_ablation.family_variants('fcn', 'unet')
 
 
-def test_sweep_writes_table_plot_and_reuses_runs(tiny_config, tmp_path, monkeypatch):
+def test_sweep_writes_table_plot_and_reuses_runs(base_config, tmp_path, monkeypatch):
     output = str(tmp_path)
-    results = skip_ablation.run_sweep(tiny_config, 'unet', [0, 1], output, ['full', 'none'])
+    results = skip_ablation.run_sweep(base_config, 'unet', [0, 1], output, ['full', 'none'])
 
     assert list(results['variants']) == ['full', 'none']
     for variant in results['variants'].values():
@@ -58,10 +52,11 @@ def test_sweep_writes_table_plot_and_reuses_runs(tiny_config, tmp_path, monkeypa
         assert variant['std']['mean_iou'] >= 0.0
     for name, merge in (('full', 'concat'), ('none', 'none')):
         for seed in (0, 1):
-            with open(os.path.join(output, 'runs', f'{name}_seed{seed}', 'config.json')) as f:
-                run_config = json.load(f)
-            assert run_config['seed'] == seed
-            assert run_config['model']['merge'] == merge
+            run_config = workdir_files.read_config(
+                os.path.join(output, 'runs', f'{name}_seed{seed}')
+            )
+            assert run_config.seed == seed
+            assert run_config.model.merge == merge
 
     with open(os.path.join(output, 'results.md')) as f:
         rows = [line for line in f.read().splitlines() if line.startswith('| ')]
@@ -78,10 +73,10 @@ def test_sweep_writes_table_plot_and_reuses_runs(tiny_config, tmp_path, monkeypa
         raise AssertionError('a finished run was trained again')
 
     monkeypatch.setattr(train, 'train_and_evaluate', no_training)
-    rerun = skip_ablation.run_sweep(tiny_config, 'unet', [0, 1], output, ['full', 'none'])
+    rerun = skip_ablation.run_sweep(base_config, 'unet', [0, 1], output, ['full', 'none'])
     assert rerun['variants']['none']['mean'] == results['variants']['none']['mean']
 
 
-def test_unknown_variant_is_refused(tiny_config, tmp_path):
+def test_unknown_variant_is_refused(base_config, tmp_path):
     with pytest.raises(ValueError, match='Unknown variants'):
-        skip_ablation.run_sweep(tiny_config, 'unet', [0], str(tmp_path), ['8s'])
+        skip_ablation.run_sweep(base_config, 'unet', [0], str(tmp_path), ['8s'])
