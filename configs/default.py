@@ -5,10 +5,22 @@ Load any config with `--config=configs/NAME.py[:ARG]`; override single fields wi
 `--config.section.field=value`. The configs are locked, so a misspelt override fails.
 
 The argument string may contain `runlocal`, which shrinks the run to a smoke test that
-finishes in seconds on a laptop CPU.
+finishes in seconds on a laptop CPU. A config that serves a family takes the variant in the
+same string (`configs/fcn_voc.py:8s,runlocal`; `parse_arg` splits it).
+
+A config that replicates a paper fills `config.reported` (`set_reported`) with the number
+its source reports: `experiments/replicate.py` reads it from each run's config.json, so the
+number is written once, in the config.
 """
 
+import functools
+from collections.abc import Sequence
+
 import ml_collections
+
+# The fields a reported number applies to by default: a run that changes the model, the data
+# or the split it is scored on measures something else than the paper did.
+REPORTED_APPLIES_TO = ('model.name', 'dataset.name', 'dataset.eval_split')
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -136,6 +148,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval.flip = False
     config.eval.scales = (1.0,)
 
+    # --- The number the replicated paper reports (read by experiments/replicate.py) ---
+    # Filled by `set_reported` in the configs that replicate a paper; these defaults mean
+    # "no reported number" (`recipe` empty: no other field of the section is read).
+    config.reported = ml_collections.ConfigDict()
+    config.reported.recipe = ''  # The --config value that sets it: 'configs/fcn_voc.py:32s'.
+    config.reported.title = ''  # The recipe's name in the table, e.g. 'FCN-32s'.
+    config.reported.split_label = ''  # The source's name of the eval split: 'seg11valid'.
+    config.reported.metric = ''  # The source's name of its number, e.g. 'mean IU'.
+    config.reported.mean_iou = ml_collections.config_dict.placeholder(float)  # %; None: none.
+    config.reported.pixel_accuracy = ml_collections.config_dict.placeholder(float)  # %.
+    config.reported.source = ''  # Where the number comes from.
+    config.reported.flag = ''  # Short warning in the table's notes; '' = the numbers compare.
+    config.reported.caveat = ''  # The full explanation of `flag`, printed under the table.
+    # (field, value) pairs: the recipe's values of the fields the number applies to. Copies,
+    # not `get_ref`s, on purpose: a run that overrides one of them keeps the recipe's value
+    # here, and the table does not compare that run with the paper.
+    config.reported.applies_to = ()
+
     if arg and 'runlocal' in arg.split(','):
         apply_runlocal(config)
     return config
@@ -151,3 +181,74 @@ def apply_runlocal(config: ml_collections.ConfigDict) -> None:
     config.log_every_steps = 2
     config.eval_every_steps = 4
     config.checkpoint_every_steps = 4
+
+
+def parse_arg(arg: str | None, config_path: str, choices: Sequence[str]) -> tuple[str, bool]:
+    """Splits a family config's argument `CHOICE[,runlocal]` into (choice, runlocal).
+
+    Args:
+      arg: the string after the config path's colon; options comma-separated, any order.
+      config_path: the config's path (e.g. 'configs/fcn_voc.py'), for the error message.
+      choices: the valid values of the one required option.
+
+    Returns:
+      The chosen value and whether `runlocal` was given.
+
+    Raises:
+      ValueError: one line naming the valid values, for a missing, unknown or repeated
+        choice.
+    """
+    parts = arg.split(',') if arg else []
+    rest = [part for part in parts if part != 'runlocal']
+    if len(rest) != 1 or rest[0] not in choices:
+        raise ValueError(
+            f'{config_path} takes one of {", ".join(choices)} as its argument (plus an '
+            f'optional ",runlocal"), got {arg!r}; e.g. --config={config_path}:{choices[0]}'
+        )
+    return rest[0], 'runlocal' in parts
+
+
+def set_reported(
+    config: ml_collections.ConfigDict,
+    *,
+    recipe: str,
+    title: str,
+    split_label: str,
+    metric: str,
+    source: str,
+    mean_iou: float | None = None,
+    pixel_accuracy: float | None = None,
+    flag: str = '',
+    caveat: str = '',
+    applies_to: Sequence[str] = REPORTED_APPLIES_TO,
+) -> None:
+    """Fills every field of `config.reported` (see `get_config`) for a paper replication.
+
+    Call it once the recipe's model and dataset are set: it records the config's current
+    values of the `applies_to` fields, which a run must keep to be compared with the number.
+
+    Args:
+      config: the experiment's config, changed in place.
+      recipe: the `--config` value that builds this recipe, e.g. 'configs/fcn_voc.py:32s'.
+      title: the recipe's name in the replication table.
+      split_label: the source's name of the eval split.
+      metric: the source's name of its number.
+      source: where the number comes from.
+      mean_iou: the reported mean IoU in percent; None when no number can be compared.
+      pixel_accuracy: the reported pixel accuracy in percent, when the source gives one.
+      flag: a short warning for the table's notes ('' when the numbers compare).
+      caveat: the full explanation of `flag`, printed under the table.
+      applies_to: dotted names of the fields the number applies to.
+    """
+    config.reported.recipe = recipe
+    config.reported.title = title
+    config.reported.split_label = split_label
+    config.reported.metric = metric
+    config.reported.source = source
+    config.reported.mean_iou = mean_iou
+    config.reported.pixel_accuracy = pixel_accuracy
+    config.reported.flag = flag
+    config.reported.caveat = caveat
+    config.reported.applies_to = tuple(
+        (field, functools.reduce(getattr, field.split('.'), config)) for field in applies_to
+    )

@@ -1,9 +1,10 @@
 r"""Replication table: the final metrics of finished runs next to the papers' numbers.
 
 Reads each run directory that `train.train_and_evaluate` wrote (`config.json`,
-`eval_results.json`, `run_info.json`), works out which paper recipe the run replicates from
-its config (model name, dataset name and eval split, as set by the recipe's config file in
-`configs/`) and writes
+`eval_results.json`, `run_info.json`) and takes the paper's number from the run's own
+config: the `reported` section that a replication config in `configs/` fills (see
+`configs/default.py:set_reported`), so the number is written once, in that config. Then it
+writes
 
 * `OUTPUT/replication.md`: a Markdown table, one row per run: recipe, model, dataset /
   split, the reported number, the reproduced mean IoU (%), the delta in points
@@ -11,27 +12,29 @@ its config (model name, dataset name and eval split, as set by the recipe's conf
   `4 x TPU v4`), wall time; then the caveats of the compared numbers, their sources and the
   run directories that were left out;
 * `OUTPUT/replication.json`: the same rows with every field, the skipped runs and the
-  table of record (`REPORTED`).
+  reported sections of the recipes in the table.
 
     python -m experiments.replicate \
-        --runs=workdirs/fcn32s_voc,workdirs/fcn16s_voc,workdirs/fcn8s_voc \
+        --runs=workdirs/fcn_voc_32s,workdirs/fcn_voc_16s,workdirs/fcn_voc_8s \
         --output=workdirs/replication
     python -m experiments.replicate --runs='workdirs/*' --output=workdirs/replication
 
 `--runs` takes run directories and glob patterns (quote them so the shell leaves them
-alone). A run that matches no recipe is still listed, with `—` as its reported number. A
-directory without `config.json` or `eval_results.json` (not a run, or a run that has not
-finished its final evaluation) is skipped with a warning that the table lists under
-`Skipped`, so a glob over `workdirs/` still gives the table of the finished runs;
-`--strict` turns that into an error naming the path. A path that does not exist, or a
-pattern that matches nothing, is always an error. Without `run_info.json` (runs from before
-it was written) the hardware reads `unknown` and the global batch comes from config.json.
-Wall time is the `wall_seconds` of run_info.json, shown only for a run trained in one
-go (a resumed run's file covers its last segment only).
+alone). A run is compared with its recipe's number only while it keeps the recipe's values
+of the fields the number applies to (`reported.applies_to`: model, dataset and eval split,
+plus e.g. the padding for the VALID U-Net): a run launched with a recipe's config but
+another model, say, is listed with `—` as its reported number and a note naming the
+field, as is a run of a config that replicates no paper. Steps and batch may differ from
+the recipe's; the notes say so. A directory without `config.json` or `eval_results.json`
+(not a run, or a run that has not finished its final evaluation) is skipped with a warning
+that the table lists under `Skipped`, so a glob over `workdirs/` still gives the table of
+the finished runs; `--strict` turns that into an error naming the path. A path that does
+not exist, or a pattern that matches nothing, is always an error. Without `run_info.json`
+(runs from before it was written) the hardware reads `unknown` and the global batch comes
+from config.json. Wall time is the `wall_seconds` of run_info.json, shown only for a run
+trained in one go (a resumed run's file covers its last segment only).
 """
 
-import dataclasses
-import functools
 import glob
 import importlib
 import json
@@ -40,6 +43,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import ml_collections
 from absl import app, flags, logging
 
 from fcn_unet_jax import workdir as workdir_files
@@ -56,143 +60,6 @@ def define_flags() -> None:
         'strict', False, 'Fail on a directory without config.json or eval_results.json.'
     )
 
-
-# The config fields that identify a recipe; their values are read from the recipe's config.
-MATCH_FIELDS = ('model.name', 'dataset.name', 'dataset.eval_split')
-
-
-@dataclasses.dataclass(frozen=True)
-class Reported:
-    """A paper's number for the recipe of one config file.
-
-    Attributes:
-      title: the recipe's name in the table.
-      split_label: the eval split's name in the paper (e.g. 'seg11valid').
-      metric: the paper's name for its number (e.g. 'mean IU').
-      mean_iou: the reported mean IoU in percent; None when no number can be compared.
-      pixel_accuracy: the reported pixel accuracy in percent, when the source gives one.
-      source: where the number comes from.
-      flag: a short warning for the table's notes column ('' when the numbers compare).
-      caveat: the full explanation of `flag`, printed under the table.
-      extra_match_fields: config fields that must also match, beyond `MATCH_FIELDS`.
-    """
-
-    title: str
-    split_label: str
-    metric: str
-    mean_iou: float | None
-    source: str
-    pixel_accuracy: float | None = None
-    flag: str = ''
-    caveat: str = ''
-    extra_match_fields: tuple[str, ...] = ()
-
-
-_FCN_PAPER = (
-    'Long, Shelhamer, Darrell, Fully Convolutional Networks for Semantic Segmentation '
-    '(CVPR 2015 / PAMI 2016) and shelhamer/fcn.berkeleyvision.org'
-)
-_TORCHVISION_CAVEAT = (
-    'torchvision reports {value} mean IoU for its `{weights}` weights, trained and scored on '
-    'the subset of COCO train2017 / val2017 with the 20 VOC categories (others mapped to '
-    'background), not on VOC 2012 val; this recipe has no published VOC number, so the '
-    'delta is a sanity reference only (see configs/{config}.py).'
-)
-
-# The table of record: config file in configs/ -> the number its source reports. Each
-# config's docstring gives the same number and its source; keep both in step.
-REPORTED: dict[str, Reported] = {
-    'fcn32s_voc': Reported(
-        title='FCN-32s',
-        split_label='seg11valid',
-        metric='mean IU',
-        mean_iou=63.6,
-        source=f'{_FCN_PAPER} (`voc-fcn32s/`); configs/fcn32s_voc.py',
-    ),
-    'fcn16s_voc': Reported(
-        title='FCN-16s',
-        split_label='seg11valid',
-        metric='mean IU',
-        mean_iou=65.0,
-        source=f'{_FCN_PAPER} (`voc-fcn16s/`); configs/fcn16s_voc.py',
-    ),
-    'fcn8s_voc': Reported(
-        title='FCN-8s',
-        split_label='seg11valid',
-        metric='mean IU',
-        mean_iou=65.5,
-        source=f'{_FCN_PAPER} (`voc-fcn8s/`); configs/fcn8s_voc.py',
-    ),
-    'fcn8s_atonce_voc': Reported(
-        title='FCN-8s at-once',
-        split_label='seg11valid',
-        metric='mean IU',
-        mean_iou=None,
-        source=f'{_FCN_PAPER} (`voc-fcn8s-atonce/`); configs/fcn8s_atonce_voc.py',
-        flag='no separate number: compare with staged FCN-8s',
-        caveat=(
-            'The PAMI paper reports all-at-once training of FCN-8s as on par with the staged '
-            'FCN-8s (65.5 mean IU on seg11valid); no separate at-once number is given here.'
-        ),
-    ),
-    'fcn_resnet50_voc': Reported(
-        title='torchvision FCN-ResNet50',
-        split_label='VOC 2012 val',
-        metric='mean IoU',
-        mean_iou=60.5,
-        pixel_accuracy=91.4,
-        source='torchvision `FCN_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1`; '
-        'configs/fcn_resnet50_voc.py',
-        flag='not comparable: COCO subset',
-        caveat=_TORCHVISION_CAVEAT.format(
-            value=60.5,
-            weights='FCN_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1',
-            config='fcn_resnet50_voc',
-        ),
-    ),
-    'fcn_resnet101_voc': Reported(
-        title='torchvision FCN-ResNet101',
-        split_label='VOC 2012 val',
-        metric='mean IoU',
-        mean_iou=63.7,
-        pixel_accuracy=91.9,
-        source='torchvision `FCN_ResNet101_Weights.COCO_WITH_VOC_LABELS_V1`; '
-        'configs/fcn_resnet101_voc.py',
-        flag='not comparable: COCO subset',
-        caveat=_TORCHVISION_CAVEAT.format(
-            value=63.7,
-            weights='FCN_ResNet101_Weights.COCO_WITH_VOC_LABELS_V1',
-            config='fcn_resnet101_voc',
-        ),
-    ),
-    'fcn8s_cityscapes': Reported(
-        title='FCN-8s Cityscapes',
-        split_label='Cityscapes val',
-        metric='class IoU',
-        mean_iou=65.3,
-        source='Cordts et al., The Cityscapes Dataset for Semantic Urban Scene '
-        'Understanding (CVPR 2016), Table 4; configs/fcn8s_cityscapes.py',
-        flag='paper: test set',
-        caveat=(
-            'Cordts et al. report 65.3 class IoU on the Cityscapes test set, trained on the '
-            'fine train + val annotations; the recipe trains on train and scores validation.'
-        ),
-    ),
-    'unet_paper': Reported(
-        title='U-Net (paper)',
-        split_label='user folder data',
-        metric='IoU',
-        mean_iou=None,
-        source='Ronneberger, Fischer, Brox, U-Net (MICCAI 2015); configs/unet_paper.py',
-        flag='no comparable number',
-        caveat=(
-            'The U-Net paper reports IoU 92.03 (PhC-U373) and 77.56 (DIC-HeLa) and warping '
-            'error on ISBI 2012; which applies depends on the `folder` data, which the '
-            'config does not name, so no delta is computed.'
-        ),
-        extra_match_fields=('model.padding',),
-    ),
-}
 
 # Files a run directory must hold to be tabulated, and what their absence means.
 _REQUIRED = {
@@ -217,32 +84,46 @@ def _get(config: Mapping[str, Any], dotted: str) -> Any:
     return value
 
 
-@functools.cache
-def _recipe_signatures() -> dict[str, tuple]:
-    """Recipe name -> the values of its match fields in configs/<name>.py."""
-    signatures = {}
-    for name, reported in REPORTED.items():
-        config = importlib.import_module(f'configs.{name}').get_config().to_dict()
-        fields = MATCH_FIELDS + reported.extra_match_fields
-        signatures[name] = tuple((f, _get(config, f)) for f in fields)
-    return signatures
+def recipe_config(recipe: str) -> ml_collections.ConfigDict:
+    """The config that `recipe` (a `--config` value, e.g. 'configs/fcn_voc.py:32s') builds."""
+    path, _, arg = recipe.partition(':')
+    module = importlib.import_module(os.path.splitext(path)[0].replace('/', '.'))
+    return module.get_config(arg or None)
 
 
-def match_recipe(config: Mapping[str, Any]) -> str | None:
-    """The `REPORTED` recipe a run's config replicates, or None.
+def changed_fields(config: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """The fields the reported number applies to that the run set otherwise than its recipe.
 
     Args:
       config: the run's config as a dict (its config.json).
 
     Returns:
-      The name of the recipe's config file whose model name, dataset name and eval split
-      (and the recipe's extra fields) equal the run's, or None. Steps, batch size and the
-      other fields may differ; the table notes such departures from the recipe.
+      (field, run's value, recipe's value) for each field of `reported.applies_to` whose
+      value in the run differs from the one the recipe recorded.
     """
-    for name, signature in _recipe_signatures().items():
-        if all(_get(config, field) == value for field, value in signature):
-            return name
-    return None
+    applies_to = _get(config, 'reported.applies_to') or []
+    return [
+        (field, _get(config, field), value)
+        for field, value in applies_to
+        if _get(config, field) != value
+    ]
+
+
+def match_recipe(config: Mapping[str, Any]) -> str | None:
+    """The recipe whose reported number a run's config is compared with, or None.
+
+    Args:
+      config: the run's config as a dict (its config.json).
+
+    Returns:
+      `reported.recipe` of the config (e.g. 'configs/fcn_voc.py:32s') when it names one and
+      the run kept the recipe's values of the fields its number applies to; else None.
+      Steps, batch size and the other fields may differ; the table notes such departures.
+    """
+    recipe = _get(config, 'reported.recipe')
+    if not recipe or changed_fields(config):
+        return None
+    return recipe
 
 
 def expand_runs(patterns: Sequence[str]) -> list[str]:
@@ -271,11 +152,6 @@ def expand_runs(patterns: Sequence[str]) -> list[str]:
     return runs
 
 
-def _read_json(path: str) -> dict[str, Any]:
-    with open(path) as f:
-        return json.load(f)
-
-
 def load_run(run_dir: str) -> dict[str, Any]:
     """The files of one run: `config`, `eval` and `run_info` (None when absent).
 
@@ -288,9 +164,9 @@ def load_run(run_dir: str) -> dict[str, Any]:
             raise IncompleteRunError(f'{path} does not exist ({meaning}).')
     info_path = os.path.join(run_dir, workdir_files.RUN_INFO_FILE)
     return {
-        'config': _read_json(os.path.join(run_dir, workdir_files.CONFIG_FILE)),
-        'eval': _read_json(os.path.join(run_dir, workdir_files.EVAL_RESULTS_FILE)),
-        'run_info': _read_json(info_path) if os.path.exists(info_path) else None,
+        'config': workdir_files.read_json(os.path.join(run_dir, workdir_files.CONFIG_FILE)),
+        'eval': workdir_files.read_json(os.path.join(run_dir, workdir_files.EVAL_RESULTS_FILE)),
+        'run_info': workdir_files.read_json(info_path) if os.path.exists(info_path) else None,
     }
 
 
@@ -314,21 +190,33 @@ def replication_row(run_dir: str) -> dict[str, Any]:
     Raises:
       IncompleteRunError: config.json or eval_results.json is missing.
     """
+    return _row_and_reported(run_dir)[0]
+
+
+def _row_and_reported(run_dir: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The row of `replication_row` and the run's `reported` section (None if not compared)."""
     run = load_run(run_dir)
     config, report, info = run['config'], run['eval'], run['run_info']
     recipe = match_recipe(config)
-    reported = REPORTED.get(recipe)
+    reported = _get(config, 'reported') if recipe else None
     mean_iou = _percent(report.get('mean_iou'))
     num_steps = config['num_train_steps']
     batch = info['global_batch_size'] if info else config['batch_size']
     notes = []
-    if reported and reported.flag:
-        notes.append(reported.flag)
+    if reported and reported['flag']:
+        notes.append(reported['flag'])
+    changed = changed_fields(config)
+    if changed:
+        # Launched with a recipe's config but another model, data or split: not the number's.
+        notes.append(
+            f'not compared with {config["reported"]["recipe"]}: '
+            + ', '.join(f'{field} {value} (recipe: {base})' for field, value, base in changed)
+        )
     if report['step'] != num_steps:
         notes.append(f'evaluated at step {report["step"]:,} of {num_steps:,}')
     if recipe:
         # The recipe's own schedule: a run with other steps or batch is not the replication.
-        base = importlib.import_module(f'configs.{recipe}').get_config()
+        base = recipe_config(recipe)
         if (base.num_train_steps, base.batch_size) != (num_steps, batch):
             notes.append(f'recipe: {base.num_train_steps:,} steps at batch {base.batch_size}')
     wall_seconds = None
@@ -339,19 +227,19 @@ def replication_row(run_dir: str) -> dict[str, Any]:
     elif info.get('start_step'):
         notes.append(f'resumed at step {info["start_step"]:,}')
     delta = None
-    if reported and reported.mean_iou is not None and mean_iou is not None:
-        delta = mean_iou - reported.mean_iou
-    return {
+    if reported and reported['mean_iou'] is not None and mean_iou is not None:
+        delta = mean_iou - reported['mean_iou']
+    row = {
         'run': run_dir,
         'recipe': recipe,
-        'title': reported.title if reported else None,
+        'title': reported['title'] if reported else None,
         'model': _get(config, 'model.name'),
         'dataset': _get(config, 'dataset.name'),
         'split': report.get('split'),
-        'split_label': reported.split_label if reported else None,
-        'reported_metric': reported.metric if reported else None,
-        'reported_mean_iou': reported.mean_iou if reported else None,
-        'reported_pixel_accuracy': reported.pixel_accuracy if reported else None,
+        'split_label': reported['split_label'] if reported else None,
+        'reported_metric': reported['metric'] if reported else None,
+        'reported_mean_iou': reported['mean_iou'] if reported else None,
+        'reported_pixel_accuracy': reported['pixel_accuracy'] if reported else None,
         'mean_iou': mean_iou,
         'delta': delta,
         'pixel_accuracy': _percent(report.get('pixel_accuracy')),
@@ -363,6 +251,7 @@ def replication_row(run_dir: str) -> dict[str, Any]:
         'wall_seconds': wall_seconds,
         'notes': notes,
     }
+    return row, reported
 
 
 def collect(run_dirs: Sequence[str], strict: bool = False) -> dict[str, Any]:
@@ -375,33 +264,30 @@ def collect(run_dirs: Sequence[str], strict: bool = False) -> dict[str, Any]:
 
     Returns:
       The content of replication.json: `rows` (see `replication_row`), `skipped` (`run`,
-      `reason`) and `reported` (the table of record, recipe -> fields).
+      `reason`) and `reported` (recipe -> the `reported` section of the config.json of the
+      first run compared with it: the numbers, their source and caveat).
 
     Raises:
       IncompleteRunError: with `strict`, a directory lacks a required file; and always
         when no directory can be tabulated.
     """
-    rows, skipped = [], []
+    rows, skipped, reported = [], [], {}
     for run_dir in run_dirs:
         try:
-            rows.append(replication_row(run_dir))
+            row, section = _row_and_reported(run_dir)
         except IncompleteRunError as error:
             if strict:
                 raise
             logging.warning('Skipping %s: %s', run_dir, error)
             skipped.append({'run': run_dir, 'reason': str(error)})
+            continue
+        rows.append(row)
+        if section:
+            reported.setdefault(row['recipe'], section)
     if not rows:
         reasons = '; '.join(s['reason'] for s in skipped)
         raise IncompleteRunError(f'No finished run to tabulate: {reasons}')
-    return {
-        'rows': rows,
-        'skipped': skipped,
-        # Lists, not tuples: the dict equals its JSON round trip.
-        'reported': {
-            name: dataclasses.asdict(r) | {'extra_match_fields': list(r.extra_match_fields)}
-            for name, r in REPORTED.items()
-        },
-    }
+    return {'rows': rows, 'skipped': skipped, 'reported': reported}
 
 
 def _number(value: float | None, signed: bool = False) -> str:
@@ -462,13 +348,14 @@ def markdown_table(results: Mapping[str, Any]) -> str:
         lines.append('| ' + ' | '.join(cells) + ' |')
         if row['recipe'] and row['recipe'] not in used:
             used.append(row['recipe'])
-    caveats = [REPORTED[name] for name in used if REPORTED[name].caveat]
+    reported = [results['reported'][recipe] for recipe in used]
+    caveats = [r for r in reported if r['caveat']]
     if caveats:
         lines += ['', 'Caveats:', '']
-        lines += [f'- {r.title}: {r.caveat}' for r in caveats]
-    if used:
+        lines += [f'- {r["title"]}: {r["caveat"]}' for r in caveats]
+    if reported:
         lines += ['', 'Sources:', '']
-        lines += [f'- {REPORTED[name].title}: {REPORTED[name].source}' for name in used]
+        lines += [f'- {r["title"]}: {r["source"]}; {r["recipe"]}' for r in reported]
     if results['skipped']:
         lines += ['', 'Skipped (not in the table):', '']
         lines += [f'- {s["run"]}: {s["reason"]}' for s in results['skipped']]
