@@ -11,7 +11,6 @@ import collections
 
 import flax
 import jax
-import jax.extend
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -19,6 +18,7 @@ import pytest
 
 from fcn_unet_jax import models
 from tests.models.helpers import abstract_init, make_config, random_variables
+from tests.ops.helpers import jaxpr_eqns
 
 pytestmark = pytest.mark.usefixtures('fast_compiles')
 
@@ -45,20 +45,7 @@ TUNED_ONLY = ('custom_vjp_call', 'platform_index', 'rng_uniform')
 
 
 def _primitive_counts(closed_jaxpr) -> collections.Counter:
-    counts = collections.Counter()
-
-    def visit(jaxpr):
-        for eqn in jaxpr.eqns:
-            counts[eqn.primitive.name] += 1
-            for value in eqn.params.values():
-                for sub in value if isinstance(value, list | tuple) else [value]:
-                    if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                        visit(sub.jaxpr)
-                    elif isinstance(sub, jax.extend.core.Jaxpr):
-                        visit(sub)
-
-    visit(closed_jaxpr.jaxpr)
-    return counts
+    return collections.Counter(e.primitive.name for e in jaxpr_eqns(closed_jaxpr, None))
 
 
 def _variables(model, shape):

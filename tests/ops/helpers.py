@@ -5,12 +5,12 @@ import jax.extend
 
 
 def jaxpr_eqns(jaxpr, primitives=('conv_general_dilated',)):
-    """The equations of a closed jaxpr using `primitives`, sub-jaxprs included."""
+    """The equations of a closed jaxpr using `primitives` (None: all), sub-jaxprs included."""
     found = []
 
     def visit(j):
         for eqn in j.eqns:
-            if eqn.primitive.name in primitives:
+            if primitives is None or eqn.primitive.name in primitives:
                 found.append(eqn)
             for value in eqn.params.values():
                 for sub in value if isinstance(value, list | tuple) else [value]:
