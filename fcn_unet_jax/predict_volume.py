@@ -24,14 +24,17 @@ class and mean IoU. They are written to `OUTDIR/volume_metrics.json` (`{"cases":
 scores}, "overall": scores}`, undefined values as null) and printed as a Markdown table.
 
 Inputs that cannot be read, or whose label volume is missing or misaligned, are logged and
-skipped; the exit status is non-zero only when no volume could be processed.
+skipped; the exit status is non-zero only when no volume could be processed. `OUTDIR` is
+created only when the first label volume is written, so a failed command leaves no empty
+folder. Errors in the input are printed as one `error: ...` line (plus a `hint: ...` line
+where there is one) with exit status 1; `--traceback` adds the traceback (see
+`fcn_unet_jax.errors`).
 """
 
 import dataclasses
 import json
 import math
 import os
-import sys
 from collections.abc import Sequence
 
 import jax
@@ -39,7 +42,15 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
-from fcn_unet_jax import checkpointing, inference, metrics, models, predict, sharding, xla_options
+from fcn_unet_jax import (
+    checkpointing,
+    errors,
+    inference,
+    metrics,
+    predict,
+    sharding,
+    xla_options,
+)
 from fcn_unet_jax import workdir as workdir_files
 from fcn_unet_jax.data import builders, input_pipeline, volume_io
 from fcn_unet_jax.data.builders import volumes
@@ -73,10 +84,13 @@ def find_volumes(path: str) -> list[str]:
     sub-folders, sorted); any other folder is one DICOM series.
 
     Raises:
-      FileNotFoundError: `path` does not exist.
+      MissingInputError: `path` does not exist (a FileNotFoundError).
     """
     if not os.path.exists(path):
-        raise FileNotFoundError(f'No input volume at {path!r}.')
+        raise errors.MissingInputError(
+            f'No input volume at {path!r}.',
+            hint='give a NIfTI file, a DICOM folder or a folder of cases',
+        )
     if not os.path.isdir(path):
         return [path]
     entries = [
@@ -199,16 +213,23 @@ def split_cases(config: ml_collections.ConfigDict, split: str) -> list[tuple[str
     """(image path, label path) of a split of the run's `volumes` root, as the builder splits.
 
     Raises:
-      ValueError: the run is not on the `volumes` dataset, or the split has no cases.
+      UserError: the run is not on the `volumes` dataset, or the split has no cases.
     """
     if config.dataset.name != 'volumes' or not config.dataset.volume_root:
-        raise ValueError('--split needs a run on the volumes dataset with its volume_root.')
+        raise errors.UserError(
+            f'--split needs a run on the volumes dataset with its volume_root; this run is on '
+            f'{config.dataset.name!r}.',
+            hint='give the volumes with --input instead',
+        )
     plan = volumes.plan_splits(
         os.path.abspath(os.path.expanduser(config.dataset.volume_root)),
         config.dataset.volume_val_fraction,
     )
     if split not in plan:
-        raise ValueError(f'Split {split!r} of {config.dataset.volume_root} has no cases.')
+        raise errors.UserError(
+            f'Split {split!r} of {config.dataset.volume_root} has no cases; it has '
+            f'{", ".join(sorted(plan))}.'
+        )
     return [(image, label) for _, image, label in plan[split]]
 
 
@@ -235,21 +256,21 @@ def predict_volumes(
       The written volumes, the skipped cases and the scores.
 
     Raises:
-      ValueError: two inputs share a case id (their outputs would overwrite each other).
+      UserError: two inputs share a case id (their outputs would overwrite each other), or
+        the workdir's checkpoint does not fit its config
+        (`checkpointing.restore_model`).
     """
     case_ids = [volume_io.case_id(image) for image, _ in cases]
     repeated = sorted({c for c in case_ids if case_ids.count(c) > 1})
     if repeated:
-        raise ValueError(f'Several inputs share the case id(s) {repeated}.')
+        raise errors.UserError(f'Several inputs share the case id(s) {repeated}.')
     config = workdir_files.read_config(workdir)
     predict.override_eval(config, **overrides)
-    model = models.build_model(config.model)
-    variables = checkpointing.restore_variables(workdir)
+    model, variables = checkpointing.restore_model(workdir, config)
     mesh = sharding.create_mesh() if mesh is None else mesh
     predictor = inference.Predictor(
         model, variables, inference.InferenceSettings.from_config(config), mesh
     )
-    os.makedirs(output_dir, exist_ok=True)
     written, failed, confusions = {}, [], {}
     for case, (image_path, label_path) in zip(case_ids, cases, strict=True):
         try:
@@ -263,6 +284,7 @@ def predict_volumes(
             failed.append((image_path, str(error)))
             continue
         predictions = segment_volume(image, predictor, config)
+        os.makedirs(output_dir, exist_ok=True)  # Only now: a failed command leaves no folder.
         path = os.path.join(output_dir, f'{case}_labels.nii.gz')
         volume_io.write_label_volume(predictions, image, path)
         written[case] = path
@@ -308,6 +330,19 @@ def run(
     Returns:
       0 when at least one volume was written, else 1.
     """
+    result = _predict(workdir, input_path, output_dir, labels_dir, split, **overrides)
+    return 0 if result is not None and result.written else 1
+
+
+def _predict(
+    workdir: str,
+    input_path: str | None,
+    output_dir: str,
+    labels_dir: str | None = None,
+    split: str | None = None,
+    **overrides,
+) -> VolumePredictionResult | None:
+    """`run`'s work: the result, or None when no case was left to predict."""
     if (input_path is None) == (split is None):
         raise app.UsageError('Give exactly one of --input and --split.')
     if split is not None:
@@ -323,40 +358,57 @@ def run(
                 logging.warning('Skipping %s: %s', image, error)
                 continue
             cases.append((image, label))
+    if not cases:
+        return None
     result = predict_volumes(workdir, cases, output_dir, **overrides)
     logging.info('Wrote %d label volume(s) to %s.', len(result.written), output_dir)
-    return 0 if result.written else 1
+    return result
 
 
-def _define_flags() -> None:
-    # Defined only when run as a program, so importing this module next to
-    # `fcn_unet_jax.main` (which has --workdir and --mode too) cannot clash.
-    flags.DEFINE_string('workdir', None, 'Training workdir (config.json and checkpoints).')
-    flags.DEFINE_string('input', None, 'A NIfTI file, a DICOM folder or a folder of cases.')
-    flags.DEFINE_string('output', None, 'Folder for the label volumes and metrics.')
-    flags.DEFINE_string('labels', None, 'Folder of ground-truth label volumes <case>.nii.gz.')
-    flags.DEFINE_string('split', None, "A split of the run's volumes root, e.g. validation.")
-    predict.define_inference_flags()
-    flags.mark_flags_as_required(['workdir', 'output'])
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+    """Defines the program's flags (when run as a program, or in a test's own FlagValues).
+
+    Not at import, so that importing this module next to `fcn_unet_jax.main` (which has
+    --workdir and --mode too) cannot clash.
+    """
+    fv = {'flag_values': flag_values}
+    flags.DEFINE_string('workdir', None, 'Training workdir (config.json and checkpoints).', **fv)
+    flags.DEFINE_string('input', None, 'A NIfTI file, a DICOM folder or a folder of cases.', **fv)
+    flags.DEFINE_string('output', None, 'Folder for the label volumes and metrics.', **fv)
+    flags.DEFINE_string('labels', None, 'Folder of ground-truth label volumes <case>.nii.gz.', **fv)
+    flags.DEFINE_string('split', None, "A split of the run's volumes root, e.g. validation.", **fv)
+    predict.define_inference_flags(flag_values)
+    flags.mark_flags_as_required(['workdir', 'output'], flag_values=flag_values)
 
 
-def main(argv: list[str]) -> None:
-    """Runs `run` with the command-line flags and exits with its status."""
+def main(argv: list[str], flag_values: flags.FlagValues = FLAGS) -> None:
+    """Predicts with the command-line flags; no volume written at all is an error.
+
+    Args:
+      argv: the arguments left after flag parsing (the program name only).
+      flag_values: the parsed flags (`define_flags`).
+    """
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-    sys.exit(
-        run(
-            FLAGS.workdir,
-            FLAGS.input,
-            FLAGS.output,
-            labels_dir=FLAGS.labels,
-            split=FLAGS.split,
-            **predict.inference_overrides(),
-        )
+    fv = flag_values
+    result = _predict(
+        fv.workdir,
+        fv.input,
+        fv.output,
+        labels_dir=fv.labels,
+        split=fv.split,
+        **predict.inference_overrides(fv),
     )
+    if result is not None and result.failed and not result.written:
+        raise predict.nothing_written_error(result.failed, fv.output)
+    if result is None or not result.written:
+        raise errors.UserError(
+            f'No volume to predict, nothing was written to {fv.output}: every input was '
+            'skipped (see the warnings above).'
+        )
 
 
 if __name__ == '__main__':
     xla_options.set_default_flags()  # Before JAX starts its backends.
-    _define_flags()
-    app.run(main)
+    define_flags()
+    app.run(errors.guard(main), flags_parser=errors.parse_flags)

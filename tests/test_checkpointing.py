@@ -1,6 +1,11 @@
-"""Tests of the orbax CheckpointManager wrapper: keep-N, restore, damaged-step fallback."""
+"""Tests of the orbax CheckpointManager wrapper: keep-N, restore, damaged-step fallback.
+
+Also: a checkpoint of another model is a user error that moves nothing, the damage warning
+is one line, and a read-only (evaluation) manager never moves a damaged step.
+"""
 
 import os
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +14,7 @@ import optax
 import pytest
 from absl.testing import absltest
 
-from fcn_unet_jax import checkpointing
+from fcn_unet_jax import checkpointing, errors
 
 
 def _state(value: float):
@@ -101,3 +106,78 @@ def test_relative_workdir(tmp_path, monkeypatch):
     assert (tmp_path / 'relative/workdir/checkpoints/5').is_dir()
     variables = checkpointing.restore_variables('relative/workdir')
     np.testing.assert_array_equal(variables['params']['conv']['kernel'], 5.0)
+
+
+def _files(directory) -> dict[str, int]:
+    """Every file and folder under `directory`, with file sizes (-1 for folders)."""
+    return {
+        str(p.relative_to(directory)): p.stat().st_size if p.is_file() else -1
+        for p in sorted(pathlib.Path(directory).rglob('*'))
+    }
+
+
+def test_a_shape_mismatch_is_a_user_error_and_moves_nothing(tmp_path):
+    fields = {'model.name': 'unet', 'model.width': 0.125}
+    manager = checkpointing.CheckpointManager(str(tmp_path), keep=2, run_fields=fields)
+    manager.save(1, _state(1))
+    manager.close()
+    before = _files(tmp_path)
+    asked = dict(fields, **{'model.width': 0.25})
+    other = checkpointing.CheckpointManager(str(tmp_path), keep=2, run_fields=asked)
+    wider = _state(0)
+    wider['params']['conv']['kernel'] = jnp.zeros((3, 6))
+    with pytest.raises(checkpointing.CheckpointMismatchError) as error:
+        other.restore_latest(_abstract(wider))
+    other.close()
+    assert 'Checkpoint step 1' in str(error.value)
+    assert 'trained -> asked: model.width 0.125 -> 0.25' in str(error.value)
+    assert _files(tmp_path) == before
+    # Without recorded fields (an older checkpoint) the differing arrays are named.
+    differences = checkpointing.shape_differences(
+        checkpointing.leaf_shapes(_state(1)), checkpointing.leaf_shapes(wider)
+    )
+    error = checkpointing.mismatch_error('Checkpoint step 1', differences, None, None)
+    assert 'params/conv/kernel: stored (3, 3), expected (3, 6)' in str(error)
+
+
+def test_a_truncated_step_is_damaged_and_the_warning_is_one_line(manager, tmp_path):
+    for path in pathlib.Path(manager.directory / '3').rglob('*'):
+        if path.is_file() and path.parent.name == 'd':
+            os.truncate(path, path.stat().st_size // 2)
+    with absltest.mock.patch.object(checkpointing.logging, 'warning') as warning:
+        _, step = manager.restore_latest(_abstract(_state(0)))
+    assert step == 2
+    message = warning.call_args[0][0] % warning.call_args[0][1:]
+    assert '\n' not in message and 'tensorstore_spec' not in message
+    assert f'{manager.directory}/3' in message and 'moved to' in message
+    assert (tmp_path / checkpointing.DAMAGED_SUBDIR / '3').exists()
+
+
+def test_a_read_only_manager_leaves_damaged_steps_in_place(manager, tmp_path):
+    _damage(manager.directory / '3')
+    before = _files(tmp_path)
+    reader = checkpointing.CheckpointManager(str(tmp_path), keep=2, read_only=True)
+    with absltest.mock.patch.object(checkpointing.logging, 'warning') as warning:
+        _, step = reader.restore_latest(_abstract(_state(0)))
+    reader.close()
+    assert step == 2 and 'left in place' in warning.call_args[0][0] % warning.call_args[0][1:]
+    assert _files(tmp_path) == before
+    checkpointing.CheckpointManager(str(tmp_path / 'missing'), keep=2, read_only=True).close()
+    assert not (tmp_path / 'missing').exists()
+
+
+def test_readers_say_nothing_about_being_read_only(manager, tmp_path, caplog):
+    # orbax's 'Given directory is read only' would come with every evaluation and prediction.
+    with caplog.at_level('WARNING'):
+        checkpointing.CheckpointManager(str(tmp_path), keep=2, read_only=True).close()
+        checkpointing.restore_variables(str(tmp_path))
+    assert not [r for r in caplog.records if 'read only' in r.getMessage()], caplog.text
+
+
+def test_restore_variables_checks_them_against_the_model(manager, tmp_path):
+    expected = {'params': {'conv': {'kernel': np.zeros((3, 4)), 'bias': np.zeros(3)}}}
+    expected['batch_stats'] = {'mean': np.zeros(3)}
+    with pytest.raises(checkpointing.CheckpointMismatchError, match=r'kernel: stored \(3, 3\)'):
+        checkpointing.restore_variables(str(tmp_path), expected=expected)
+    with pytest.raises(errors.MissingInputError, match='No checkpoint directory'):
+        checkpointing.restore_variables(str(tmp_path / 'missing'))

@@ -1,4 +1,7 @@
-"""Tests of the run-directory files and their readers (`workdir.py`), without training."""
+"""Tests of the run-directory files and their readers (`workdir.py`), without training.
+
+Also which config changes a workdir accepts, their history, and moving a run aside.
+"""
 
 import json
 
@@ -7,6 +10,7 @@ import numpy as np
 import pytest
 
 from configs import default
+from fcn_unet_jax import errors
 from fcn_unet_jax import workdir as workdir_files
 
 CPU = {'platform': 'cpu', 'device_kind': 'cpu', 'device_count': 4, 'process_count': 1}
@@ -162,3 +166,85 @@ def test_a_new_run_ignores_an_old_record(tmp_path):
     info = workdir_files.continue_run_info(tmp_path, CPU, 0)
     assert info['start_step'] == 0 and info['wall_seconds'] == 0.0
     assert workdir_files.read_run_info(tmp_path)['wall_seconds'] == 60.0
+
+
+def test_config_changes_tell_run_defining_fields_from_safe_ones(tmp_path):
+    config = default.get_config()
+    workdir_files.write_config(tmp_path, config)
+    assert workdir_files.config_changes(tmp_path, config) == []
+    assert workdir_files.config_changes(tmp_path / 'new', config) == []
+    changed = default.get_config()
+    changed.model.width = 0.5
+    changed.num_train_steps = 10
+    changed.dataset.data_dir = '/elsewhere'
+    changed.input.crop_size = (64, 64)
+    changed.optimizer.grad_clip_norm = 1.0  # Adds an optimiser state: None -> a value.
+    changes = workdir_files.config_changes(tmp_path, changed)
+    assert [str(c) for c in changes] == [
+        "dataset.data_dir None -> '/elsewhere'",
+        'input.crop_size [128, 128] -> [64, 64]',
+        'model.width 1.0 -> 0.5',
+        'num_train_steps 1000 -> 10',
+        'optimizer.grad_clip_norm None -> 1.0',
+    ]
+    defining = [c.field for c in changes if workdir_files.is_run_defining(c)]
+    assert defining == ['model.width', 'optimizer.grad_clip_norm']
+    clip = workdir_files.ConfigChange('optimizer.grad_clip_norm', 1.0, 2.0)
+    assert not workdir_files.is_run_defining(clip)
+    # A model field added later is run-defining without being listed.
+    assert workdir_files.is_run_defining(workdir_files.ConfigChange('model.new_field', 1, 2))
+    fields = workdir_files.run_fields(config)
+    assert fields['model.name'] == 'unet' and 'num_train_steps' not in fields
+    error = workdir_files.config_mismatch_error(tmp_path, changes[2:3], hint='do this')
+    assert 'model.width 1.0 -> 0.5' in str(error) and error.hint == 'do this'
+
+
+def test_record_config_keeps_a_history_of_safe_changes(tmp_path):
+    config = default.get_config()
+    workdir_files.record_config(tmp_path, config, [], 0)
+    assert workdir_files.read_config_history(tmp_path) == []
+    config.num_train_steps = 2000
+    changes = workdir_files.config_changes(tmp_path, config)
+    workdir_files.record_config(tmp_path, config, changes, 1000)
+    (record,) = workdir_files.read_config_history(tmp_path)
+    assert record['step'] == 1000 and record['changes'] == {'num_train_steps': [1000, 2000]}
+    assert workdir_files.read_config(tmp_path).num_train_steps == 2000
+
+
+def test_move_run_aside_keeps_every_file(tmp_path):
+    assert workdir_files.move_run_aside(tmp_path / 'missing') is None
+    (tmp_path / 'checkpoints' / '4').mkdir(parents=True)
+    (tmp_path / 'checkpoints' / '4' / 'data').write_bytes(b'12345')
+    (tmp_path / 'config.json').write_text('{}')
+    first = workdir_files.move_run_aside(tmp_path)
+    assert first == tmp_path / 'previous_runs' / '1'
+    assert (first / 'checkpoints' / '4' / 'data').read_bytes() == b'12345'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['previous_runs']
+    (tmp_path / 'config.json').write_text('{"second": 1}')
+    assert workdir_files.move_run_aside(tmp_path) == tmp_path / 'previous_runs' / '2'
+    assert (first / 'config.json').read_text() == '{}'
+
+
+def test_metrics_log_of_a_resumed_run_has_each_step_once(tmp_path):
+    log = workdir_files.MetricsLog(tmp_path, start_step=0)
+    for step in (1, 2, 3):
+        log.write(step, {'train/loss': float(step)})
+    log.write(2, {'eval/mean_iou': 0.5})
+    # Resumed from the checkpoint of step 2: step 3 is trained again, and the evaluation of
+    # step 2 (a finished run evaluated again) replaces the earlier one.
+    log = workdir_files.MetricsLog(tmp_path, start_step=2)
+    log.write(2, {'eval/mean_iou': 0.75})
+    log.write(3, {'train/loss': 3.5})
+    assert workdir_files.read_metrics_log(tmp_path) == [
+        {'step': 1, 'train/loss': 1.0},
+        {'step': 2, 'train/loss': 2.0},
+        {'step': 2, 'eval/mean_iou': 0.75},
+        {'step': 3, 'train/loss': 3.5},
+    ]
+
+
+def test_reading_the_config_of_a_folder_that_is_no_workdir(tmp_path):
+    with pytest.raises(errors.MissingInputError, match='holds no config.json'):
+        workdir_files.read_config(tmp_path)
+    with pytest.raises(FileNotFoundError, match='does not exist'):
+        workdir_files.read_config(tmp_path / 'missing')

@@ -45,6 +45,42 @@ def pad_value(normalization: str) -> tuple[float, float, float]:
     raise ValueError(f'Unknown normalization {normalization!r}; expected one of {NORMALIZATIONS}.')
 
 
+def statistics(
+    normalization: str, input_channels: int = 3
+) -> tuple[tuple[float, ...], tuple[float, ...], bool]:
+    """The constants of `normalize`: `(mean, scale, bgr)`, with `input = (pixel - mean) / scale`.
+
+    Args:
+      normalization: One of `NORMALIZATIONS`.
+      input_channels: 1 (grey: the statistics converted with the luma weights) or 3.
+
+    Returns:
+      Per-channel mean and scale in pixel units, in the model input's channel order, and
+      whether that order is BGR (the FCN's Caffe convention).
+    """
+    if input_channels not in (1, 3):
+        raise ValueError(f'input_channels must be 1 or 3, got {input_channels}.')
+    if normalization == 'unit':
+        mean, scale = (0.0, 0.0, 0.0), (255.0, 255.0, 255.0)
+    elif normalization == 'imagenet':
+        mean = tuple(255.0 * m for m in IMAGENET_MEAN)
+        scale = tuple(255.0 * s for s in IMAGENET_STD)
+    elif normalization == 'fcn_bgr':
+        mean, scale = pad_value('fcn_bgr'), (1.0, 1.0, 1.0)
+    else:
+        raise ValueError(
+            f'Unknown normalization {normalization!r}; expected one of {NORMALIZATIONS}.'
+        )
+    if input_channels == 1:
+        mean = (sum(w * m for w, m in zip(_LUMA, mean, strict=True)),)
+        scale = (sum(w * s for w, s in zip(_LUMA, scale, strict=True)),)
+        return mean, scale, False
+    if normalization == 'fcn_bgr':
+        # Statistics above are in RGB order; the Caffe models want BGR.
+        return tuple(reversed(mean)), scale, True
+    return mean, scale, False
+
+
 def normalize(image: tf.Tensor, normalization: str, input_channels: int = 3) -> tf.Tensor:
     """Maps an RGB image in pixel space to the model's input space.
 
@@ -58,28 +94,13 @@ def normalize(image: tf.Tensor, normalization: str, input_channels: int = 3) -> 
     Returns:
       float32 `[..., H, W, input_channels]`.
     """
-    if input_channels not in (1, 3):
-        raise ValueError(f'input_channels must be 1 or 3, got {input_channels}.')
+    mean, scale, bgr = statistics(normalization, input_channels)
     image = tf.cast(image, tf.float32)
-    if normalization == 'unit':
-        mean, scale = (0.0, 0.0, 0.0), (255.0, 255.0, 255.0)
-    elif normalization == 'imagenet':
-        mean = tuple(255.0 * m for m in IMAGENET_MEAN)
-        scale = tuple(255.0 * s for s in IMAGENET_STD)
-    elif normalization == 'fcn_bgr':
-        mean, scale = pad_value('fcn_bgr'), (1.0, 1.0, 1.0)
-    else:
-        raise ValueError(
-            f'Unknown normalization {normalization!r}; expected one of {NORMALIZATIONS}.'
-        )
     if input_channels == 1:
         luma = tf.constant(_LUMA, tf.float32)
         image = tf.reduce_sum(image * luma, axis=-1, keepdims=True)
-        mean = (sum(w * m for w, m in zip(_LUMA, mean, strict=True)),)
-        scale = (sum(w * s for w, s in zip(_LUMA, scale, strict=True)),)
-    elif normalization == 'fcn_bgr':
-        # Statistics above are in RGB order; the Caffe models want BGR.
-        image, mean = image[..., ::-1], tuple(reversed(mean))
+    elif bgr:
+        image = image[..., ::-1]
     return (image - tf.constant(mean, tf.float32)) / tf.constant(scale, tf.float32)
 
 

@@ -1,4 +1,4 @@
-"""Prepares the dataset a config names, from the archives in the manual dir; downloads nothing.
+r"""Prepares the dataset a config names, from the archives in the manual dir; downloads nothing.
 
 The project's equivalent of `tfds build` (whose CLI needs apache_beam), writing the
 `array_record` format the input pipeline reads:
@@ -10,17 +10,37 @@ The project's equivalent of `tfds build` (whose CLI needs apache_beam), writing 
 Any config works, so `--config=configs/NAME.py` prepares exactly what that experiment reads.
 Training prepares its dataset on first use too; this command does it ahead of time and
 prints the split sizes.
+
+Problems in the data (a missing archive or folder, a file that cannot be decoded, a label
+outside classes.txt, a split without examples) stop the build with one `error: ...` line
+naming the file, folder or split (plus a `hint: ...` line where there is one), exit status
+1, and no new empty dataset folder left behind; `--traceback` adds the traceback. Without
+classes.txt, the label values found and their pixel counts are logged, and a label far
+above the others is flagged.
 """
 
 from collections.abc import Sequence
 
 import ml_collections
-from absl import app, logging
-from ml_collections import config_flags
+from absl import app, flags, logging
 
+from fcn_unet_jax import config_files, errors
 from fcn_unet_jax.data import builders
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
+FLAGS = flags.FLAGS
+
+
+def define_flags(flag_values: flags.FlagValues = FLAGS, sys_argv: list[str] | None = None) -> None:
+    """Defines --config (when run as a program, or in a test's own FlagValues).
+
+    Not at import, so that importing this module next to another entry point with a
+    --config cannot clash.
+
+    Args:
+      flag_values: where to define it.
+      sys_argv: the command line the `--config.*` overrides are read from; None: sys.argv.
+    """
+    config_files.define_config_flag(flag_values=flag_values, sys_argv=sys_argv)
 
 
 def build(dataset_config: ml_collections.ConfigDict) -> dict[str, int]:
@@ -36,12 +56,21 @@ def build(dataset_config: ml_collections.ConfigDict) -> dict[str, int]:
     return {name: split.num_examples for name, split in builder.info.splits.items()}
 
 
-def main(argv: Sequence[str]) -> None:
+def main(argv: Sequence[str], flag_values: flags.FlagValues = FLAGS) -> None:
+    """Prepares the dataset of `--config` and prints its split sizes.
+
+    Args:
+      argv: the arguments left after flag parsing (the program name only).
+      flag_values: the parsed flags (`define_flags`).
+    """
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-    if _CONFIG.value is None:
-        raise app.UsageError('--config is required (e.g. --config=configs/default.py).')
-    dataset_config = _CONFIG.value.dataset
+    config = errors.config_of(flag_values)
+    if config is None:
+        raise errors.UserError(
+            '--config is required.', hint='e.g. --config=configs/default.py or a config of yours'
+        )
+    dataset_config = config.dataset
     sizes = build(dataset_config)
     logging.info('Prepared %s in %s.', dataset_config.name, dataset_config.data_dir or 'tfds')
     for name, count in sorted(sizes.items()):
@@ -49,4 +78,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
-    app.run(main)
+    define_flags()
+    app.run(errors.guard(main), flags_parser=errors.parse_flags)

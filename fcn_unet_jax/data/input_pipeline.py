@@ -30,6 +30,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from fcn_unet_jax import errors
 from fcn_unet_jax.data import augment, builders
 from fcn_unet_jax.data.weight_map import border_weight_map
 
@@ -94,9 +95,25 @@ def get_dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
         class_names=class_names,
         palette=np.asarray(info.metadata['palette'], np.uint8).reshape(-1, 3),
         ignore_label=int(info.metadata['ignore_label']),
-        num_train_examples=info.splits[config.dataset.train_split].num_examples,
-        num_eval_examples=info.splits[config.dataset.eval_split].num_examples,
+        num_train_examples=_num_examples(config, info, 'train_split'),
+        num_eval_examples=_num_examples(config, info, 'eval_split'),
     )
+
+
+def _num_examples(
+    config: ml_collections.ConfigDict, info: tfds.core.DatasetInfo, field: str
+) -> int:
+    """Examples in the split `config.dataset.<field>` names; an unknown split is a UserError."""
+    split = config.dataset[field]
+    try:
+        return info.splits[split].num_examples
+    except (KeyError, ValueError) as error:
+        available = ', '.join(f'{n} ({s.num_examples})' for n, s in info.splits.items())
+        raise errors.UserError(
+            f'config.dataset.{field}={split!r}, but dataset {config.dataset.name} has no such '
+            f'split; it has {available or "no split"}.',
+            hint=f'set --config.dataset.{field} to one of them',
+        ) from error
 
 
 def normalization_for(config: ml_collections.ConfigDict) -> str:
@@ -113,7 +130,7 @@ def normalization_for(config: ml_collections.ConfigDict) -> str:
     normalization = config.input.normalization
     if normalization != 'auto':
         if normalization not in augment.NORMALIZATIONS:
-            raise ValueError(
+            raise errors.UserError(
                 f'config.input.normalization={normalization!r}; expected auto or one of '
                 f'{augment.NORMALIZATIONS}.'
             )
@@ -156,7 +173,7 @@ def _process_split(process_index: int | None, process_count: int | None) -> tupl
 
 def _local_batch_size(global_batch: int, process_count: int, name: str) -> int:
     if global_batch % process_count:
-        raise ValueError(
+        raise errors.UserError(
             f'config.{name}={global_batch} is not divisible by the {process_count} processes.'
         )
     return global_batch // process_count
@@ -223,7 +240,7 @@ def create_train_iterator(
     source = _random_access_source(builder, split)
     num_examples = len(source)
     if num_examples == 0:
-        raise ValueError(f'Split {split!r} of {config.dataset.name} is empty.')
+        raise errors.UserError(f'Split {split!r} of {config.dataset.name} is empty.')
     ignore_label = config.dataset.ignore_label
     normalization = normalization_for(config)
     pad_value = augment.pad_value(normalization)
@@ -310,7 +327,7 @@ def _split_max_size(builder: tfds.core.DatasetBuilder, split: str) -> tuple[int,
     if key not in _MAX_SIZE_CACHE:
         sizes = np.array([_image_size(record) for record in _random_access_source(builder, split)])
         if not len(sizes):
-            raise ValueError(f'Split {split!r} of {builder.name} is empty.')
+            raise errors.UserError(f'Split {split!r} of {builder.name} is empty.')
         _MAX_SIZE_CACHE[key] = tuple(int(n) for n in sizes.max(axis=0))
     return _MAX_SIZE_CACHE[key]
 
@@ -370,7 +387,7 @@ class EvalIterable:
         self._source = _random_access_source(self._builder, self.split)
         self.num_examples = len(self._source)
         if self.num_examples == 0:
-            raise ValueError(f'Split {self.split!r} of {config.dataset.name} is empty.')
+            raise errors.UserError(f'Split {self.split!r} of {config.dataset.name} is empty.')
         # Process p reads [p N // P, (p + 1) N // P): contiguous shares that differ in size by
         # at most one example, as tfds.even_splits makes them.
         n, p, count = self.num_examples, self._process_index, self._process_count

@@ -27,6 +27,9 @@ to outliers by the clip), or nothing.
 
 nibabel and pydicom are the `medical` extra (`pip install -e '.[medical]'`); they are
 imported when a volume is first read or written, so the rest of the package works without.
+
+Errors in the user's files and settings are `errors.UserError`s (ValueErrors) naming the
+file or value; a missing extra is an `errors.MissingDependencyError` (an ImportError).
 """
 
 import dataclasses
@@ -35,6 +38,8 @@ import types
 from typing import Any
 
 import numpy as np
+
+from fcn_unet_jax import errors
 
 NIFTI_SUFFIXES = ('.nii.gz', '.nii')
 INTENSITY_MODES = ('ct_window', 'percentile_zscore', 'none')
@@ -52,7 +57,7 @@ def _nibabel() -> types.ModuleType:
     try:
         import nibabel
     except ImportError as error:
-        raise ImportError(
+        raise errors.MissingDependencyError(
             "Reading medical volumes needs nibabel: pip install -e '.[medical]'."
         ) from error
     return nibabel
@@ -62,7 +67,7 @@ def _pydicom() -> types.ModuleType:
     try:
         import pydicom
     except ImportError as error:
-        raise ImportError(
+        raise errors.MissingDependencyError(
             "Reading DICOM series needs pydicom: pip install -e '.[medical]'."
         ) from error
     return pydicom
@@ -127,11 +132,11 @@ def _load_nifti(path: str) -> Volume:
         # dataobj applies scl_slope/inter; unscaled integer data keeps its type (labels).
         data = np.asanyarray(image.dataobj)
     except Exception as error:  # nibabel raises several unrelated types for bad files.
-        raise ValueError(f'Cannot read NIfTI file {path}: {error}') from error
+        raise errors.UserError(f'Cannot read NIfTI file {path}: {error}') from error
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
-        raise ValueError(f'{path} holds a {data.ndim}D array {data.shape}; expected 3D.')
+        raise errors.UserError(f'{path} holds a {data.ndim}D array {data.shape}; expected 3D.')
     if not np.issubdtype(data.dtype, np.integer):
         data = data.astype(np.float32)
     native_affine = np.asarray(image.affine, dtype=np.float64)
@@ -146,7 +151,7 @@ def _dicom_files(folder: str) -> list[str]:
         if not name.startswith('.') and os.path.isfile(os.path.join(folder, name))
     )
     if not files:
-        raise ValueError(f'DICOM folder {folder} holds no files.')
+        raise errors.UserError(f'DICOM folder {folder} holds no files.')
     return files
 
 
@@ -155,13 +160,13 @@ def _read_dicom(path: str) -> Any:
     try:
         return pydicom.dcmread(path)
     except Exception as error:  # InvalidDicomError, OSError, and parser errors.
-        raise ValueError(f'Cannot read DICOM file {path}: {error}') from error
+        raise errors.UserError(f'Cannot read DICOM file {path}: {error}') from error
 
 
 def _float_list(dataset: Any, keyword: str, length: int, path: str) -> np.ndarray:
     value = dataset.get(keyword)
     if value is None or len(value) != length:
-        raise ValueError(f'DICOM file {path} lacks {keyword} ({length} numbers).')
+        raise errors.UserError(f'DICOM file {path} lacks {keyword} ({length} numbers).')
     return np.asarray([float(v) for v in value], dtype=np.float64)
 
 
@@ -182,9 +187,9 @@ def _slice_step(
         return normal * float(thickness)
     steps = np.diff(distances)
     if np.any(steps <= 1e-6 * max(1.0, np.abs(distances).max())):
-        raise ValueError(f'DICOM folder {folder} holds two slices at the same position.')
+        raise errors.UserError(f'DICOM folder {folder} holds two slices at the same position.')
     if np.ptp(steps) > SLICE_SPACING_TOLERANCE * steps.mean():
-        raise ValueError(
+        raise errors.UserError(
             f'DICOM folder {folder} has irregular slice spacing ({steps.min():.4g} to '
             f'{steps.max():.4g} mm); missing slices?'
         )
@@ -197,7 +202,7 @@ def _load_dicom_series(folder: str) -> Volume:
     datasets = [_read_dicom(path) for path in files]
     series = sorted({str(d.get('SeriesInstanceUID', '<none>')) for d in datasets})
     if len(series) > 1:
-        raise ValueError(
+        raise errors.UserError(
             f'DICOM folder {folder} holds {len(series)} series; put each in its own folder. '
             f'SeriesInstanceUIDs: {", ".join(series)}'
         )
@@ -211,13 +216,13 @@ def _load_dicom_series(folder: str) -> Volume:
     slices = []
     for dataset, path in zip(datasets, files, strict=True):
         if 'PixelData' not in dataset:
-            raise ValueError(f'DICOM file {path} has no pixel data.')
+            raise errors.UserError(f'DICOM file {path} has no pixel data.')
         if int(dataset.get('NumberOfFrames', 1) or 1) > 1:
-            raise ValueError(f'DICOM file {path} is multi-frame, which is not supported.')
+            raise errors.UserError(f'DICOM file {path} is multi-frame, which is not supported.')
         if not np.allclose(
             _float_list(dataset, 'ImageOrientationPatient', 6, path), orientation, atol=1e-4
         ):
-            raise ValueError(
+            raise errors.UserError(
                 f'DICOM file {path} has another ImageOrientationPatient than {first_path}.'
             )
         position = _float_list(dataset, 'ImagePositionPatient', 3, path)
@@ -228,11 +233,11 @@ def _load_dicom_series(folder: str) -> Volume:
         try:
             pixels = dataset.pixel_array
         except Exception as error:  # Missing codec plugins, truncated data, bad headers.
-            raise ValueError(
+            raise errors.UserError(
                 f'Cannot decode the pixel data of DICOM file {path}: {error}'
             ) from error
         if arrays and pixels.shape != arrays[0].shape:
-            raise ValueError(
+            raise errors.UserError(
                 f'DICOM file {path} is {pixels.shape} but {slices[0][3]} is '
                 f'{arrays[0].shape} (rows, columns).'
             )
@@ -281,7 +286,7 @@ def load_volume(path: str) -> Volume:
         return _load_dicom_series(path)
     if is_nifti(path) and os.path.isfile(path):
         return _load_nifti(path)
-    raise ValueError(f'{path} is neither a NIfTI file (.nii, .nii.gz) nor a DICOM folder.')
+    raise errors.UserError(f'{path} is neither a NIfTI file (.nii, .nii.gz) nor a DICOM folder.')
 
 
 def check_aligned(image: Volume, label: Volume) -> None:
@@ -301,7 +306,7 @@ def check_aligned(image: Volume, label: Volume) -> None:
         if difference <= AFFINE_TOLERANCE_MM:
             return
         what = f'affine (off by up to {difference:.4g} mm)'
-    raise ValueError(
+    raise errors.UserError(
         f'Label volume {label.source} (shape {label.data.shape}, axes '
         f'{"".join(label.axcodes)}) does not match the {what} of image volume '
         f'{image.source} (shape {image.data.shape}, axes {"".join(image.axcodes)}).'
@@ -328,21 +333,21 @@ def write_label_volume(labels: np.ndarray, reference: Volume, path: str) -> None
     nibabel = _nibabel()
     labels = np.asarray(labels)
     if labels.shape != reference.data.shape:
-        raise ValueError(
+        raise errors.UserError(
             f'Labels of shape {labels.shape} for {reference.source} of shape '
             f'{reference.data.shape}.'
         )
     if not is_nifti(path):
-        raise ValueError(f'{path}: label volumes are written as NIfTI (.nii or .nii.gz).')
+        raise errors.UserError(f'{path}: label volumes are written as NIfTI (.nii or .nii.gz).')
     if labels.size and not np.array_equal(labels, np.round(labels)):
-        raise ValueError(f'Labels for {path} are not integers.')
+        raise errors.UserError(f'Labels for {path} are not integers.')
     low, high = (labels.min(), labels.max()) if labels.size else (0, 0)
     if low >= 0 and high <= np.iinfo(np.uint8).max:
         dtype = np.uint8
     elif np.iinfo(np.int16).min <= low and high <= np.iinfo(np.int16).max:
         dtype = np.int16
     else:
-        raise ValueError(f'Labels for {path} span [{low}, {high}], beyond int16.')
+        raise errors.UserError(f'Labels for {path} span [{low}, {high}], beyond int16.')
     orientations = nibabel.orientations
     ornt = orientations.io_orientation(reference.native_affine)
     back = orientations.ornt_transform(orientations.axcodes2ornt('RAS'), ornt)
@@ -387,20 +392,24 @@ def normalize_intensity(data: np.ndarray, mode: str, **params: Any) -> np.ndarra
     """
     allowed = {'ct_window': {'level', 'width'}, 'percentile_zscore': {'percentiles'}, 'none': set()}
     if mode not in allowed:
-        raise ValueError(f'Unknown intensity mode {mode!r}; expected one of {INTENSITY_MODES}.')
+        raise errors.UserError(
+            f'Unknown intensity mode {mode!r}; expected one of {INTENSITY_MODES}.'
+        )
     unknown = set(params) - allowed[mode]
     if unknown:
-        raise ValueError(f'Intensity mode {mode!r} takes no parameter(s) {sorted(unknown)}.')
+        raise errors.UserError(f'Intensity mode {mode!r} takes no parameter(s) {sorted(unknown)}.')
     data = np.asarray(data, dtype=np.float32)
     if mode == 'ct_window':
         level, width = float(params.get('level', 40.0)), float(params.get('width', 400.0))
         if width <= 0:
-            raise ValueError(f'CT window width must be positive, got {width}.')
+            raise errors.UserError(f'CT window width must be positive, got {width}.')
         return np.clip((data - (level - width / 2)) / width, 0.0, 1.0).astype(np.float32)
     if mode == 'percentile_zscore':
         low, high = (float(p) for p in params.get('percentiles', (0.5, 99.5)))
         if not 0 <= low < high <= 100:
-            raise ValueError(f'Percentiles must satisfy 0 <= low < high <= 100, got {low, high}.')
+            raise errors.UserError(
+                f'Percentiles must satisfy 0 <= low < high <= 100, got {low, high}.'
+            )
         clipped = np.clip(data, *np.percentile(data, [low, high]))
         # nnU-Net's floor on the std: a constant volume maps to zeros, not NaNs.
         return ((clipped - clipped.mean()) / max(float(clipped.std()), 1e-8)).astype(np.float32)

@@ -4,11 +4,19 @@ Each `ModelInfo` is the constructor of one name (call it with the model config) 
 carries the facts the README table and weight import need: the paper, the output stride
 (the coarsest resolution at which the final prediction is formed), the available skip
 strides, the encoder (built by `encoders.build_encoder`) and the head. Config values are
-validated here, with errors that name the field and the allowed values.
+validated here, with errors (`errors.UserError`) that name the field and the allowed values.
+
+Defaults: `build_model` accepts a partial model config and fills each unset field from the
+documented defaults, which are written once, in the model section of `configs/default.py`
+(`default_model_config` reads them from there). `configs/` is a folder of the repository,
+not of the installed package; where it cannot be imported, a missing field is an error
+that names it.
 """
 
 import dataclasses
+import difflib
 import functools
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from fcn_unet_jax import errors, ops
 from fcn_unet_jax.models import fcn, unet
 from fcn_unet_jax.models.encoders import ENCODERS, build_encoder
 from fcn_unet_jax.models.layers import DTYPES
@@ -74,12 +83,12 @@ class ModelInfo:
         strides = tuple(strides)
         bad = [s for s in strides if s not in self.skip_strides]
         if bad or len(set(strides)) != len(strides):
-            raise ValueError(
+            raise errors.UserError(
                 f'config.model.skip_strides for {model_config.name!r} must be distinct values '
                 f'from {self.skip_strides}, got {strides}.'
             )
         if merge == 'none' and strides:
-            raise ValueError(
+            raise errors.UserError(
                 f"config.model.merge='none' means no skips, but config.model.skip_strides is "
                 f'{strides}; set skip_strides to None or ().'
             )
@@ -89,7 +98,7 @@ class ModelInfo:
 def _validate_common(c: ml_collections.ConfigDict) -> None:
     def check(ok: bool, field: str, allowed: str) -> None:
         if not ok:
-            raise ValueError(f'config.model.{field} must be {allowed}, got {c[field]!r}.')
+            raise errors.UserError(f'config.model.{field} must be {allowed}, got {c[field]!r}.')
 
     check(c.dtype in DTYPES, 'dtype', f'one of {sorted(DTYPES)}')
     check(isinstance(c.width, int | float) and c.width > 0, 'width', 'a number > 0')
@@ -113,11 +122,21 @@ def _validate_common(c: ml_collections.ConfigDict) -> None:
         'five positive ints (one per decoder block)',
     )
     check(isinstance(_plain_ops(c), bool), 'plain_ops', 'True or False')
+    check(
+        _batch_norm_stats(c) in ops.BATCH_NORM_STATISTICS,
+        'batch_norm_stats',
+        f'one of {ops.BATCH_NORM_STATISTICS}',
+    )
 
 
 def _plain_ops(c: ml_collections.ConfigDict) -> Any:
     # Configs written before the field existed (a run's config.json) run the tuned ops.
     return c.get('plain_ops', False)
+
+
+def _batch_norm_stats(c: ml_collections.ConfigDict) -> Any:
+    # Configs written before the field existed take their statistics over the global batch.
+    return c.get('batch_norm_stats', 'global')
 
 
 def _common(c: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -128,6 +147,7 @@ def _common(c: ml_collections.ConfigDict) -> dict[str, Any]:
         'dtype': c.dtype,
         'remat': c.remat,
         'plain_ops': _plain_ops(c),
+        'batch_norm_stats': _batch_norm_stats(c),
     }
 
 
@@ -219,24 +239,85 @@ MODELS: dict[str, ModelInfo] = {
 # fmt: on
 
 
+def default_model_config() -> ml_collections.ConfigDict | None:
+    """The documented model defaults: the model section of `configs/default.py`.
+
+    Returns:
+      A fresh copy of `configs.default.get_config().model`, or None where the repository's
+      `configs` package cannot be imported (an installed package used from elsewhere).
+    """
+    try:
+        from configs import default  # The repository's configs/: one table of defaults.
+    except ImportError:
+        return None
+    return default.get_config().model
+
+
+def complete_model_config(model_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`model_config` with every unset field filled from `default_model_config()`.
+
+    Args:
+      model_config: a full or partial `config.model`; it is not changed.
+
+    Returns:
+      A new ConfigDict holding every model field.
+
+    Raises:
+      UserError: a field is unknown (the message lists the closest valid names), or fields
+        are missing and the defaults cannot be read (the message names them).
+    """
+    given = model_config.to_dict() if hasattr(model_config, 'to_dict') else dict(model_config)
+    defaults = default_model_config()
+    if defaults is None:  # `build_model` names a field that is missing.
+        return ml_collections.ConfigDict(given)
+    known = defaults.to_dict()
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], list(known), n=3)
+        raise errors.UserError(
+            f'config.model has no field(s) {", ".join(unknown)}.',
+            hint=f'closest valid fields: {", ".join(close)}' if close else None,
+        )
+    return ml_collections.ConfigDict({**known, **given})
+
+
 def build_model(model_config: ml_collections.ConfigDict) -> nn.Module:
     """Builds the model named `model_config.name`.
 
     Args:
-      model_config: the `config.model` section (see configs/default.py).
+      model_config: the `config.model` section (see configs/default.py); unset fields take
+        their defaults (`complete_model_config`).
 
     Returns:
       A Flax module; `model.apply(variables, images, train=...)` maps NHWC images to NHWC
       float32 logits (a dict {'out', 'aux'} for torchvision FCNs with `aux_head`).
 
     Raises:
-      ValueError: for an unknown name or an invalid field value.
+      UserError (a ValueError): for an unknown name, an unknown or missing field, or an
+        invalid field value (the message names the field and the allowed values).
     """
-    if model_config.name not in MODELS:
-        raise ValueError(
-            f'Unknown config.model.name {model_config.name!r}; valid names: {sorted(MODELS)}.'
+    name = model_config.get('name') if hasattr(model_config, 'get') else None
+    if name not in MODELS:
+        close = difflib.get_close_matches(str(name), list(MODELS), n=3)
+        raise errors.UserError(
+            f'Unknown config.model.name {name!r}; valid names: {sorted(MODELS)}.',
+            hint=f'did you mean {" or ".join(close)}?' if close else None,
         )
-    return MODELS[model_config.name](model_config)
+    complete = complete_model_config(model_config)
+    try:
+        return MODELS[name](complete)
+    except AttributeError as error:
+        # ConfigDict's message for a missing field is the field's quoted name; any other
+        # AttributeError is not about the config.
+        match = re.fullmatch(r'["\']*(\w+)["\']*', str(error))
+        if match is None or match.group(1) in complete:
+            raise
+        field = match.group(1)
+        raise errors.UserError(
+            f'config.model lacks the field {field!r}, and its default (configs/default.py) '
+            'cannot be imported here.',
+            hint='set it, or run from the repository root so that configs/ imports',
+        ) from error
 
 
 def example_input_shape(
@@ -302,7 +383,9 @@ __all__ = [
     'ModelInfo',
     'build_encoder',
     'build_model',
+    'complete_model_config',
     'count_params',
+    'default_model_config',
     'example_input_shape',
     'model_table',
 ]

@@ -1,4 +1,8 @@
-"""Tests of the `folder` builder: both layouts, splits, class files and every data error."""
+"""Tests of the `folder` builder: both layouts, splits, class files and every data error.
+
+Also: a split without examples is a build error, and without classes.txt the labels found
+are reported and a far one flagged.
+"""
 
 import os
 import re
@@ -10,6 +14,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from fcn_unet_jax import errors
 from fcn_unet_jax.data import builders
 from fcn_unet_jax.data.builders import common, folder
 
@@ -226,3 +231,50 @@ def test_errors_name_the_file(tmp_path, corrupt):
 def test_folder_needs_a_root(tmp_path):
     with pytest.raises(ValueError, match='folder_root'):
         builders.get_builder(_dataset_config(None, tmp_path))
+
+
+def test_labels_found_without_classes_file_are_reported_and_a_far_one_flagged(tmp_path, caplog):
+    root = tmp_path / 'root'
+    _simple_root(root, ['p0', 'p1'])  # Labels 0, 1, 2 (and 255).
+    mask = _mask(0, 3)
+    mask[3, 3] = 7  # One stray pixel.
+    Image.fromarray(mask).save(root / 'masks' / 'p0.png')
+    with caplog.at_level('WARNING'):
+        builder = builders.prepare(_dataset_config(root, tmp_path / 'tfds', val_fraction=0.0))
+    messages = [r.getMessage() for r in caplog.records]
+    (report,) = [m for m in messages if 'label values and their pixel counts' in m]
+    assert f'folder {root}: no classes.txt, so the masks define 8 classes' in report
+    assert '7: 1' in report and '255: 4' in report
+    assert any(
+        'label 7 is far above the others (the next is 2)' in m
+        and 'add classes.txt or fix the masks' in m
+        for m in messages
+    )
+    assert len(builder.info.metadata['class_names']) == 8
+    counts = common.LabelCounts()
+    counts.add(np.array([[0, 1, 2, 3, 255]], np.uint8))
+    assert counts.far_label() is None
+
+
+@pytest.mark.parametrize(
+    ('stems', 'val_fraction', 'lists', 'expected', 'hint'),
+    [
+        ([], 0.1, None, 'has no examples', 'same stem'),
+        (['a'], 0.1, None, "split 'validation' would have no image", 'cannot make two splits'),
+        (['a', 'b', 'c'], 0.001, None, "split 'validation' would have no image", 'or more'),
+        (['a', 'b'], 0.999, None, "split 'train' would have no image", 'or less'),
+        (['a', 'b'], 0.1, ('a\n', ''), "split 'validation' has no examples", 'a line'),
+    ],
+)
+def test_a_split_without_examples_is_an_error(tmp_path, stems, val_fraction, lists, expected, hint):
+    root = tmp_path / 'root'
+    _simple_root(root, stems)
+    if lists is not None:
+        os.makedirs(root / 'splits')
+        (root / 'splits' / 'train.txt').write_text(lists[0])
+        (root / 'splits' / 'val.txt').write_text(lists[1])
+    config = _dataset_config(root, tmp_path / 'tfds', val_fraction=val_fraction)
+    with pytest.raises(errors.UserError, match=re.escape(expected)) as error:
+        builders.prepare(config)
+    assert str(root) in str(error.value) and hint in error.value.hint
+    assert not (tmp_path / 'tfds').exists()  # A failed build leaves no empty folders.

@@ -16,6 +16,7 @@ from pydicom.dataset import FileDataset, FileMetaDataset  # noqa: E402
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid  # noqa: E402
 
 from configs import default  # noqa: E402
+from fcn_unet_jax import errors  # noqa: E402
 from fcn_unet_jax.data import builders, volume_io  # noqa: E402
 from fcn_unet_jax.data.builders import folder, volumes  # noqa: E402
 
@@ -401,3 +402,16 @@ def test_split_lists_and_data_errors(tmp_path):
     assert isinstance(
         builders.get_builder(_dataset_config(root, tmp_path)), tfds.core.DatasetBuilder
     )
+
+
+def test_a_volume_split_without_cases_is_an_error_with_the_fix(tmp_path):
+    root = tmp_path / 'root'
+    for sub in ('images', 'labels'):
+        os.makedirs(root / sub)
+        (root / sub / 'only.nii.gz').touch()  # Splitting reads no volume.
+    # Case 'only' hashes to 0.97: the default fraction leaves validation empty, 0.99 train.
+    for fraction, split in ((0.2, 'validation'), (0.99, 'train')):
+        with pytest.raises(errors.UserError, match=f"split '{split}' would have no case") as error:
+            volumes.plan_splits(str(root), fraction)
+    assert 'one case cannot make two splits' in error.value.hint
+    assert set(volumes.plan_splits(str(root), 0.0)) == {'train'}  # 0: no validation split.

@@ -23,6 +23,7 @@ import re
 import numpy as np
 import tensorflow_datasets as tfds
 
+from fcn_unet_jax import errors
 from fcn_unet_jax.data.builders import common, manual
 
 # (id, trainId) from cityscapesScripts/helpers/labels.py, ids -1..33.
@@ -171,11 +172,11 @@ class CityscapesTrainids(tfds.core.GeneratorBasedBuilder):
                 image_path = os.path.join(image_dir, city, name)
                 label_path = os.path.join(label_dir, city, f'{image_id}_gtFine_labelIds.png')
                 if not os.path.isfile(label_path):
-                    raise ValueError(f'{image_path} has no label file {label_path}.')
+                    raise errors.UserError(f'{image_path} has no label file {label_path}.')
                 with open(image_path, 'rb') as f:
                     image, size = common.load_image(f.read(), image_path)
                 with open(label_path, 'rb') as f:
                     label_ids = common.read_index_mask(f.read(), label_path)
                 if label_ids.shape != size:
-                    raise ValueError(f'{label_path} is {label_ids.shape}, its image {size}.')
+                    raise errors.UserError(f'{label_path} is {label_ids.shape}, its image {size}.')
                 yield image_id, common.example(image, to_train_ids(label_ids), image_id)

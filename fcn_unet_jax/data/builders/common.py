@@ -10,6 +10,11 @@ one spec:
 
 Each builder's `info.metadata` holds `class_names`, `palette` (one `[r, g, b]` per class)
 and `ignore_label`.
+
+Errors in the user's files are `errors.UserError`s (ValueErrors) that name the file. For
+builders that infer the class count from the masks, `LabelCounts` gathers the pixel count
+of each label value and reports them once the build is done, flagging a label far above
+the others (a stray value that would silently add classes).
 """
 
 import io
@@ -17,7 +22,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 from PIL import Image
+
+from fcn_unet_jax import errors
 
 IGNORE_LABEL = 255
 
@@ -47,7 +55,9 @@ def metadata(
       the prepared data so that a loaded dataset gets it back.
     """
     if len(class_names) != len(palette):
-        raise ValueError(f'{len(class_names)} class names but {len(palette)} palette colours.')
+        raise errors.UserError(
+            f'{len(class_names)} class names but {len(palette)} palette colours.'
+        )
     return tfds.core.MetadataDict(
         class_names=list(class_names),
         palette=[[int(c) for c in colour] for colour in palette],
@@ -96,7 +106,15 @@ def load_image(data: bytes, name: str) -> tuple[np.ndarray | bytes, tuple[int, i
                 return data, size
             return np.asarray(image.convert('RGB'), dtype=np.uint8), size
     except Exception as error:  # PIL raises several unrelated types for corrupt files.
-        raise ValueError(f'Cannot decode image {name}: {error}') from error
+        raise errors.UserError(f'Cannot decode image {name}: {decode_reason(error)}.') from error
+
+
+def decode_reason(error: BaseException) -> str:
+    """Pillow's reason for not decoding a file, in one line, without its in-memory file repr."""
+    if isinstance(error, Image.UnidentifiedImageError):
+        return 'not an image file Pillow can decode (is it really an image?)'
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return f'{type(error).__name__}: {text}'
 
 
 def read_index_mask(data: bytes, name: str) -> np.ndarray:
@@ -123,14 +141,14 @@ def read_index_mask(data: bytes, name: str) -> np.ndarray:
             # 1-bit, palette, 8-bit and 16/32-bit grayscale all hold one value a pixel.
             values = np.asarray(image) if mode in ('1', 'P', 'L', 'I', 'I;16') else None
     except Exception as error:  # PIL raises several unrelated types for corrupt files.
-        raise ValueError(f'Cannot decode mask {name}: {error}') from error
+        raise errors.UserError(f'Cannot decode mask {name}: {decode_reason(error)}.') from error
     if values is None:
-        raise ValueError(
+        raise errors.UserError(
             f'Mask {name} has PIL mode {mode!r}; expected a one-channel index PNG '
             "(mode 'L' or 'P')."
         )
     if values.size and (values.min() < 0 or values.max() > 255):
-        raise ValueError(f'Mask {name} holds values outside [0, 255].')
+        raise errors.UserError(f'Mask {name} holds values outside [0, 255].')
     return values.astype(np.uint8)
 
 
@@ -148,3 +166,58 @@ def example(image: np.ndarray | bytes, mask: np.ndarray, file_name: str) -> dict
         'segmentation_mask': np.asarray(mask, dtype=np.uint8)[..., None],
         'file_name': file_name,
     }
+
+
+class LabelCounts:
+    """Pixel counts of each label value (0-255) over the masks of one build."""
+
+    def __init__(self):
+        self.counts = np.zeros(256, np.int64)
+
+    def add(self, mask: np.ndarray) -> None:
+        """Counts the labels of one uint8 mask."""
+        self.counts += np.bincount(np.asarray(mask, np.uint8).ravel(), minlength=256)
+
+    def as_dict(self) -> dict[str, int]:
+        """{label: pixels} of the labels present (string keys, as JSON metadata needs)."""
+        return {str(i): int(c) for i, c in enumerate(self.counts) if c}
+
+    def far_label(self) -> tuple[int, int] | None:
+        """(largest class label, the next largest) when a gap of unused labels separates them.
+
+        The ignore label is not a class. With labels 0, 1, 2, 7 the answer is (7, 2): label 7
+        alone adds classes 3-6, which have no pixels, which is what a stray value in a mask
+        does. None when the labels present have no such gap.
+        """
+        labels = [i for i in np.flatnonzero(self.counts) if i != IGNORE_LABEL]
+        if len(labels) < 2 or labels[-1] - labels[-2] <= 1:
+            return None
+        return int(labels[-1]), int(labels[-2])
+
+    def report(self, source: str) -> None:
+        """Logs (as a warning: the class count is a guess) the labels and their pixel counts.
+
+        Warns again about a label far above the others (`far_label`).
+
+        Args:
+          source: the dataset, for the messages (e.g. 'folder /data/cells').
+        """
+        listing = ', '.join(f'{label}: {count}' for label, count in self.as_dict().items())
+        labels = [i for i in np.flatnonzero(self.counts) if i != IGNORE_LABEL]
+        logging.warning(
+            '%s: no classes.txt, so the masks define %d classes; label values and their pixel '
+            'counts: %s.',
+            source,
+            max(labels, default=0) + 1,
+            listing,
+        )
+        far = self.far_label()
+        if far is not None:
+            logging.warning(
+                '%s: label %d is far above the others (the next is %d), so it alone makes %d '
+                'classes; add classes.txt or fix the masks.',
+                source,
+                far[0],
+                far[1],
+                far[0] + 1,
+            )

@@ -4,7 +4,8 @@ A dataset root (for example `VOC2012/`, holding `ImageSets/`, `JPEGImages/`, ...
 for in the manual dir up to three folders deep (so `VOC2012/`, `VOCdevkit/VOC2012/` and
 `VOCtrainval_11-May-2012/VOCdevkit/VOC2012/` all work); failing that, the official archive
 in the manual dir is extracted with tfds' download manager (into its `extract_dir`, once)
-and the root is looked for inside it. Nothing is ever downloaded.
+and the root is looked for inside it. Nothing is ever downloaded. Missing or wrong
+archives are `errors.UserError`s naming the manual dir and the files.
 """
 
 import dataclasses
@@ -12,6 +13,8 @@ import glob
 import os
 
 import tensorflow_datasets as tfds
+
+from fcn_unet_jax import errors
 
 _MAX_DEPTH = 3
 
@@ -54,8 +57,8 @@ def locate(manual_dir: str, sources: list[Source], instructions: str) -> list[tu
       One `(path, is_archive)` per source: the extracted root, or the archive's path.
 
     Raises:
-      AssertionError: some sources are absent (the type tfds raises for an empty manual
-        dir); the message names every missing archive and the manual dir.
+      MissingArchivesError: some sources are absent (an AssertionError, the type tfds raises
+        for an empty manual dir); the message names every missing archive and the manual dir.
     """
     found, missing = [], []
     for source in sources:
@@ -80,7 +83,7 @@ def extract(dl_manager: tfds.download.DownloadManager, archive: str, source: Sou
     """
     root = find_extracted(os.fspath(dl_manager.extract(archive)), source)
     if root is None:
-        raise ValueError(f'{archive} holds no {source.root}/{source.marker}.')
+        raise errors.UserError(f'{archive} holds no {source.root}/{source.marker}.')
     return root
 
 
@@ -95,18 +98,33 @@ def read_member(archive: str, suffix: str, dl_manager: tfds.download.DownloadMan
     for path, member in dl_manager.iter_archive(archive):
         if path.replace(os.sep, '/').endswith(suffix):
             return member.read()
-    raise ValueError(f'{archive} holds no file ending with {suffix}.')
+    raise errors.UserError(f'{archive} holds no file ending with {suffix}.')
 
 
-def missing_error(manual_dir: str, missing: list[str], instructions: str) -> AssertionError:
+class MissingArchivesError(errors.UserError, AssertionError):
+    """Manually downloaded files are absent (an AssertionError, as tfds raises for them).
+
+    Its text (`str`) holds the download instructions too, as tfds' own error does; entry
+    points print them as the hint line.
+    """
+
+    def __str__(self) -> str:
+        return f'{self.message}\n{self.hint}' if self.hint else self.message
+
+
+def missing_error(manual_dir: str, missing: list[str], instructions: str) -> MissingArchivesError:
     """Returns the error for manually downloaded files that are absent.
+
+    Its message names the manual dir and the archives; the hint is the download
+    instructions, on one line.
 
     Args:
       manual_dir: The manual dir that was searched.
       missing: The archives that were not found there (nor their extracted folders).
       instructions: The builder's MANUAL_DOWNLOAD_INSTRUCTIONS.
     """
-    return AssertionError(
+    return MissingArchivesError(
         f'Missing in the manual dir {manual_dir}: {", ".join(missing)} (the archive, or its '
-        f'extracted folder).\n{instructions}'
+        'extracted folder).',
+        hint=' '.join(instructions.split()),
     )

@@ -32,6 +32,7 @@ import scipy.io
 import tensorflow_datasets as tfds
 from absl import logging
 
+from fcn_unet_jax import errors
 from fcn_unet_jax.data.builders import common, manual
 
 CLASS_NAMES = (
@@ -115,7 +116,7 @@ def read_sbd_mask(path: str) -> np.ndarray:
         gt = scipy.io.loadmat(path, squeeze_me=True, struct_as_record=False)['GTcls']
         return np.asarray(gt.Segmentation, dtype=np.uint8)
     except (OSError, ValueError, KeyError, AttributeError) as error:
-        raise ValueError(f'Cannot read GTcls.Segmentation from {path}: {error}') from error
+        raise errors.UserError(f'Cannot read GTcls.Segmentation from {path}: {error}') from error
 
 
 def _read_file(path: str) -> bytes:
@@ -232,5 +233,7 @@ class VocSegmentation(tfds.core.GeneratorBasedBuilder):
             else:
                 mask = common.read_index_mask(_read_file(mask_path), mask_path)
             if mask.shape != size:
-                raise ValueError(f'{mask_path} is {mask.shape}, its image {image_path} {size}.')
+                raise errors.UserError(
+                    f'{mask_path} is {mask.shape}, its image {image_path} {size}.'
+                )
             yield image_id, common.example(image, mask, image_id)

@@ -14,7 +14,11 @@ Layout under the root:
 Every image needs a label volume and vice versa. Splits are by volume, so slices of one
 patient never land on both sides: without split lists, a case goes to `validation` when
 `folder.stem_fraction(case)` (a SHA-256 of the case id) falls below `val_fraction`, which
-does not change when cases are added.
+does not change when cases are added. A split that would get no case is an error whose hint
+is the fix (split lists, or a `volume_val_fraction` that leaves at least one case on each
+side); `val_fraction` 0 asks for no validation split. Without `classes.txt` the build logs
+each label value with its voxel count and flags a label far above the others
+(`common.LabelCounts`).
 
 Volumes are read with `volume_io.load_volume` (canonical RAS+ voxel order, DICOM slices
 ordered by position, rescale slope/intercept applied), their intensities normalised with
@@ -37,10 +41,10 @@ Features: those of `common.features()` (`file_name` is `<case>_<slice index:04d>
 `palette`, `ignore_label` and the settings `slice_axis`, `intensity`, `ct_window`,
 `percentiles` and `skip_empty_slices`.
 
-Preparation raises a ValueError naming the file(s) for: an image without a label or the
-reverse, a label volume whose shape or affine differs from its image's, a label that is
-not an integer in [0, 255] or (with `classes.txt`) not below the class count nor 255, and
-every reading error of `volume_io.load_volume`.
+Preparation raises a `UserError` (a ValueError) naming the file(s) for: an image without a
+label or the reverse, a label volume whose shape or affine differs from its image's, a
+label that is not an integer in [0, 255] or (with `classes.txt`) not below the class count
+nor 255, and every reading error of `volume_io.load_volume`.
 
 The root and the settings reach tfds through a `VolumesConfig` built at run time by
 `config_for_root`; its name hashes the absolute root, the settings and the name, size and
@@ -59,6 +63,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
+from fcn_unet_jax import errors
 from fcn_unet_jax.data import volume_io
 from fcn_unet_jax.data.builders import common, folder
 
@@ -129,7 +134,9 @@ def _cases(folder_path: str, dicom_folders: bool) -> dict[str, str]:
             continue
         case = volume_io.case_id(path)
         if case in cases:
-            raise ValueError(f'Two volumes with the case id {case!r}: {cases[case]} and {path}.')
+            raise errors.UserError(
+                f'Two volumes with the case id {case!r}: {cases[case]} and {path}.'
+            )
         cases[case] = path
     return cases
 
@@ -176,7 +183,7 @@ def config_for_root(
       ValueError: a setting is out of range (checked here, before any volume is read).
     """
     if slice_axis not in (0, 1, 2):
-        raise ValueError(f'slice_axis must be 0, 1 or 2, got {slice_axis}.')
+        raise errors.UserError(f'config.dataset.slice_axis must be 0, 1 or 2, got {slice_axis}.')
     root = os.path.abspath(os.path.expanduser(root))
     config = VolumesConfig(
         name='unnamed',
@@ -220,7 +227,10 @@ def config_from_dataset(dataset_config: ml_collections.ConfigDict) -> VolumesCon
     """
     root = dataset_config.volume_root
     if not root:
-        raise ValueError('config.dataset.volume_root must be set for the volumes dataset.')
+        raise errors.UserError(
+            'config.dataset.volume_root must be set for the volumes dataset.',
+            hint='add --config.dataset.volume_root=DIR (the folder with images/ and labels/)',
+        )
     return config_for_root(
         root,
         val_fraction=dataset_config.volume_val_fraction,
@@ -245,25 +255,34 @@ def plan_splits(root: str, val_fraction: float) -> dict[str, list[tuple[str, str
       val_fraction: Fraction of cases sent to `validation` when no split lists exist.
 
     Returns:
-      split name -> sorted `(case id, image path, label path)`; empty splits left out.
+      split name -> sorted `(case id, image path, label path)`; without split lists and with
+      `val_fraction` 0 there is no `validation`.
 
     Raises:
-      FileNotFoundError: `root` lacks `images/` or `labels/`.
-      ValueError: unmatched volumes, a list naming an unknown case, a case in two lists, or
-        only one of train.txt / val.txt (the message names the files).
+      MissingInputError: `root` lacks `images/` or `labels/` (a FileNotFoundError).
+      UserError: no case, unmatched volumes, a list naming an unknown case or none, a case in
+        two lists, only one of train.txt / val.txt (the message names the files), or a split
+        that would have no case (the hint gives the fix).
     """
     image_dir, label_dir = os.path.join(root, 'images'), os.path.join(root, 'labels')
     if not (os.path.isdir(image_dir) and os.path.isdir(label_dir)):
-        raise FileNotFoundError(f'{root} must hold images/ and labels/.')
+        raise errors.MissingInputError(
+            f'The volumes root {root} must hold images/ and labels/.',
+            hint='set --config.dataset.volume_root to the folder that holds them',
+        )
     images = _cases(image_dir, dicom_folders=True)
     labels = _cases(label_dir, dicom_folders=False)
     unmatched = [images[c] for c in images if c not in labels]
     unmatched += [labels[c] for c in labels if c not in images]
     if unmatched:
         listing = ', '.join(unmatched[:10]) + (' ...' if len(unmatched) > 10 else '')
-        raise ValueError(
+        raise errors.UserError(
             f'{len(unmatched)} volume(s) without a matching image or label (same case id in '
             f'{image_dir} and {label_dir}): {listing}'
+        )
+    if not images:
+        raise errors.UserError(
+            f'volumes {root} has no case: {image_dir} holds no NIfTI file or DICOM folder.'
         )
     split_dir = os.path.join(root, 'splits')
     lists = {
@@ -273,43 +292,57 @@ def plan_splits(root: str, val_fraction: float) -> dict[str, list[tuple[str, str
     }
     if lists:
         if not {'train', 'validation'} <= lists.keys():
-            raise ValueError(f'Split lists in {split_dir} need both train.txt and val.txt.')
+            raise errors.UserError(f'Split lists in {split_dir} need both train.txt and val.txt.')
         cases = {split: _read_list(path) for split, path in lists.items()}
         seen = {}
         for split, path in lists.items():
+            if not cases[split]:
+                raise errors.UserError(
+                    f'volumes {root}: split {split!r} has no case: {path} lists none.',
+                    hint='list one case id a line',
+                )
             for case in cases[split]:
                 if case not in images:
-                    raise ValueError(f'{path} lists {case!r}, which has no volumes.')
+                    raise errors.UserError(f'{path} lists {case!r}, which has no volumes.')
                 if seen.setdefault(case, path) != path:
                     # Slices of one volume on both sides would leak into the evaluation.
-                    raise ValueError(f'Case {case!r} is listed in both {seen[case]} and {path}.')
+                    raise errors.UserError(
+                        f'Case {case!r} is listed in both {seen[case]} and {path}.'
+                    )
     else:
         fractions = {case: folder.stem_fraction(case) for case in images}
-        cases = {
-            'train': [c for c in images if fractions[c] >= val_fraction],
-            'validation': [c for c in images if fractions[c] < val_fraction],
-        }
-    plan = {}
-    for split, split_cases in cases.items():
-        if not split_cases:
-            logging.warning('volumes %s: split %r is empty and is left out.', root, split)
-            continue
-        plan[split] = [(c, images[c], labels[c]) for c in sorted(set(split_cases))]
-    return plan
+        cases = {'train': [c for c in images if fractions[c] >= val_fraction]}
+        if val_fraction > 0:  # 0 asks for no validation split.
+            cases['validation'] = [c for c in images if fractions[c] < val_fraction]
+        for split, split_cases in cases.items():
+            if not split_cases:
+                raise folder.empty_split_error(
+                    f'volumes {root}',
+                    split,
+                    fractions,
+                    val_fraction,
+                    'config.dataset.volume_val_fraction',
+                    f'{split_dir}/train.txt and val.txt',
+                    'case',
+                )
+    return {
+        split: [(c, images[c], labels[c]) for c in sorted(set(split_cases))]
+        for split, split_cases in cases.items()
+    }
 
 
 def _label_volume(label: volume_io.Volume, num_classes: int | None) -> np.ndarray:
     """Checks a label volume's values and returns them as uint8."""
     data = label.data
     if not np.issubdtype(data.dtype, np.integer) and not np.array_equal(data, np.round(data)):
-        raise ValueError(f'Label volume {label.source} holds non-integer values.')
+        raise errors.UserError(f'Label volume {label.source} holds non-integer values.')
     values = np.unique(data)
     if values.size and (values[0] < 0 or values[-1] > 255):
-        raise ValueError(f'Label volume {label.source} holds values outside [0, 255].')
+        raise errors.UserError(f'Label volume {label.source} holds values outside [0, 255].')
     if num_classes is not None:
         bad = values[(values >= num_classes) & (values != common.IGNORE_LABEL)]
         if bad.size:
-            raise ValueError(
+            raise errors.UserError(
                 f'Label volume {label.source} holds label(s) {bad.astype(int).tolist()} '
                 f'outside [0, {num_classes}) (classes.txt) that are not the ignore label 255.'
             )
@@ -321,11 +354,12 @@ class Volumes(tfds.core.GeneratorBasedBuilder):
 
     VERSION = tfds.core.Version('1.0.0')
     RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+    _label_counts: common.LabelCounts | None = None  # Set while preparing.
 
     def _config(self) -> VolumesConfig:
         config = self.builder_config
         if not isinstance(config, VolumesConfig):
-            raise ValueError(
+            raise errors.UserError(
                 'The volumes dataset needs its root: build it with '
                 'fcn_unet_jax.data.builders.get_builder (config.dataset.volume_root) or '
                 'Volumes(config=volumes.config_for_root(root)).'
@@ -364,6 +398,12 @@ class Volumes(tfds.core.GeneratorBasedBuilder):
             metadata=metadata,
         )
 
+    def _download_and_prepare(self, dl_manager, download_config=None) -> None:
+        self._label_counts = common.LabelCounts()
+        super()._download_and_prepare(dl_manager, download_config)
+        if not os.path.isfile(self._class_file()):  # The labels alone define the classes.
+            self._label_counts.report(f'volumes {self._config().root}')
+
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict:
         del dl_manager  # The data is the user's folder; nothing to download.
         config = self._config()
@@ -381,6 +421,8 @@ class Volumes(tfds.core.GeneratorBasedBuilder):
             label = volume_io.load_volume(label_path)
             volume_io.check_aligned(image, label)
             labels = _label_volume(label, num_classes)
+            if self._label_counts is not None:
+                self._label_counts.add(labels)
             foreground = labels[(labels != 0) & (labels != common.IGNORE_LABEL)]
             if num_classes is None and foreground.size:
                 largest = int(foreground.max())
@@ -406,8 +448,7 @@ class Volumes(tfds.core.GeneratorBasedBuilder):
 
     def _grow_classes(self, num_classes: int, label_path: str) -> None:
         """Raises the inferred class count; the metadata is saved when preparation ends."""
-        # A warning, not info: the user should see that the class count was guessed.
-        logging.warning(
+        logging.info(
             'volumes %s: no classes.txt; %s holds label %d, so %d classes are assumed.',
             self._config().root,
             label_path,
