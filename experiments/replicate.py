@@ -8,7 +8,9 @@ writes
 
 * `OUTPUT/replication.md`: a Markdown table, one row per run: recipe, model, dataset /
   split, the reported number, the reproduced mean IoU (%), the delta in points
-  (reproduced - reported), pixel accuracy (%), steps, global batch, hardware (e.g.
+  (reproduced - reported), pixel accuracy (%), the boundary metrics (Boundary IoU and the
+  trimap mean IoU within `TRIMAP_WIDTH` px of the ground-truth boundaries, in %; `—` for
+  runs evaluated before they were reported), steps, global batch, hardware (e.g.
   `4 x TPU v4`), wall time; then the caveats of the compared numbers, their sources and the
   run directories that were left out;
 * `OUTPUT/replication.json`: the same rows with every field, the skipped runs and the
@@ -39,16 +41,19 @@ import glob
 import importlib
 import json
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_collections
 from absl import app, flags, logging
 
+from fcn_unet_jax import errors
 from fcn_unet_jax import workdir as workdir_files
 
 FLAGS = flags.FLAGS
+# The trimap band of the table's trimap column (eval reports hold every width of
+# `fcn_unet_jax.metrics.TRIMAP_WIDTHS`): 4 px, about the width of VOC's void outlines.
+TRIMAP_WIDTH = 4
 
 
 def define_flags() -> None:
@@ -243,6 +248,8 @@ def _row_and_reported(run_dir: str) -> tuple[dict[str, Any], dict[str, Any] | No
         'mean_iou': mean_iou,
         'delta': delta,
         'pixel_accuracy': _percent(report.get('pixel_accuracy')),
+        'boundary_iou': _percent(report.get('boundary_iou')),
+        'trimap_mean_iou': _percent(report.get(f'trimap_mean_iou_{TRIMAP_WIDTH}px')),
         'step': report['step'],
         'num_train_steps': num_steps,
         'global_batch_size': batch,
@@ -316,11 +323,14 @@ def markdown_table(results: Mapping[str, Any]) -> str:
       The Markdown text.
     """
     lines = [
-        'Mean IoU and pixel accuracy in %; delta = reproduced - reported, in points.',
+        'Metrics in %; delta = reproduced - reported mean IoU, in points; Boundary IoU (Cheng '
+        f'et al. 2021, d = 2% of the image diagonal) and the trimap mean IoU within {TRIMAP_WIDTH} '
+        "px of the ground-truth boundaries measure the boundaries the papers' skips refine.",
         '',
         '| recipe | model | dataset / split | reported | mean IoU (%) | delta | pixel acc (%) '
+        f'| Boundary IoU (%) | trimap IoU {TRIMAP_WIDTH} px (%) '
         '| steps | global batch | hardware | wall time | notes |',
-        '|---' * 12 + '|',
+        '|---' * 14 + '|',
     ]
     used = []
     for row in results['rows']:
@@ -339,6 +349,8 @@ def markdown_table(results: Mapping[str, Any]) -> str:
             _number(row['mean_iou']),
             _number(row['delta'], signed=True),
             _number(row['pixel_accuracy']),
+            _number(row['boundary_iou']),
+            _number(row['trimap_mean_iou']),
             steps,
             str(row['global_batch_size']),
             row['hardware'],
@@ -375,10 +387,7 @@ def main(argv: list[str]) -> None:
     """Collects the runs that the flags name, writes the table and prints it."""
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-    try:
-        results = collect(expand_runs(FLAGS.runs), strict=FLAGS.strict)
-    except FileNotFoundError as error:  # A message naming the path, not a traceback.
-        sys.exit(f'Error: {error}')
+    results = collect(expand_runs(FLAGS.runs), strict=FLAGS.strict)
     write_outputs(results, FLAGS.output)
     print(markdown_table(results))
     print()
@@ -388,4 +397,6 @@ def main(argv: list[str]) -> None:
 if __name__ == '__main__':
     define_flags()
     flags.mark_flags_as_required(['runs', 'output'])
-    app.run(main)
+    # A missing or unfinished run directory (FileNotFoundError, IncompleteRunError among them)
+    # is the user's input: one `error:` line naming the path, not a traceback.
+    app.run(errors.guard(main, user_errors=(FileNotFoundError,)), flags_parser=errors.parse_flags)

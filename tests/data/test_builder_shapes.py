@@ -1,4 +1,4 @@
-"""Tests of the synthetic `shapes` builder and of `get_builder` / `prepare` on it."""
+"""Tests of the synthetic `shapes` and `shapes_fine` builders and of `get_builder` / `prepare`."""
 
 import pathlib
 import subprocess
@@ -7,9 +7,10 @@ import sys
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
+from scipy import ndimage
 
 from fcn_unet_jax.data import builders
-from fcn_unet_jax.data.builders import shapes
+from fcn_unet_jax.data.builders import shapes, shapes_fine
 
 _REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 _TINY = shapes.ShapesConfig(name='tiny_test', image_size=32, num_train=40, num_validation=8)
@@ -105,3 +106,52 @@ def test_build_command_prepares_the_configured_dataset(tmp_path):
     assert 'shapes/small train: 1000 examples' in result.stdout
     assert 'shapes/small validation: 100 examples' in result.stdout
     assert list((tmp_path / 'shapes' / 'small').glob('*/*.array_record*'))
+
+
+def test_shapes_fine_holds_large_small_thin_and_touching_objects():
+    examples = [shapes_fine.generate_example(i, 'train', 128) for i in range(4)]
+    again = shapes_fine.generate_example(3, 'train', 128)
+    np.testing.assert_array_equal(again[0], examples[3][0])
+    np.testing.assert_array_equal(again[1], examples[3][1])
+    assert not np.array_equal(examples[0][1], shapes_fine.generate_example(0, 'validation', 128)[1])
+    masks = np.stack([mask for _, mask in examples])
+    assert examples[0][0].shape == (128, 128, 3) and examples[0][0].dtype == np.uint8
+    np.testing.assert_array_equal(np.unique(masks), np.arange(len(shapes_fine.CLASS_NAMES)))
+    # Bars are 2 to 5 px wide: no bar pixel is more than 2.5 px from the bar's edge.
+    for mask in masks:
+        assert ndimage.distance_transform_edt(mask == 2).max() <= 3.0
+    # Small objects (radius 3 to 8 px) and large ones (radius >= 12% of the side).
+    sizes = np.concatenate(
+        [
+            np.bincount(ndimage.label(mask == label)[0].ravel())[1:]
+            for mask in masks
+            for label in (1, 3)
+        ]
+    )
+    assert sizes.min() < np.pi * 8**2 and sizes.max() > np.pi * (0.12 * 128) ** 2 * 0.8
+    # Touching cells: somewhere a run of 1 to GAP background pixels lies between two cell
+    # pixels of the same row or column.
+    cells = masks == 1
+    gaps = 0
+    for width in range(1, shapes_fine.GAP + 1):
+        for axis in (1, 2):
+            before = np.roll(cells, 1, axis=axis)
+            after = np.roll(cells, -width, axis=axis)
+            between = np.ones_like(cells)
+            for k in range(width):
+                between &= np.roll(masks == 0, -k, axis=axis)
+            gaps += (before & between & after).sum()
+    assert gaps > 0
+
+
+def test_shapes_fine_builder_resolves_and_registers(tmp_path):
+    config = ml_collections.ConfigDict(
+        {'name': 'shapes_fine', 'data_dir': str(tmp_path), 'manual_dir': None}
+    )
+    builder = builders.get_builder(config)
+    assert builder.builder_config.image_size == 256
+    assert (builder.builder_config.num_train, builder.builder_config.num_validation) == (1000, 100)
+    assert builder.info.metadata['class_names'] == ['background', 'cell', 'bar', 'star']
+    assert (
+        tfds.builder('shapes_fine/small', data_dir=str(tmp_path)).builder_config.image_size == 128
+    )

@@ -39,12 +39,23 @@ def write_run(
     step: int | None = None,
     info: dict | None = None,
     files=('config', 'eval', 'run_info'),
+    boundary: bool = True,
 ) -> dict:
-    """A fake run directory with the files train.py writes; returns its eval report."""
+    """A fake run directory with the files train.py writes; returns its eval report.
+
+    `boundary=False` leaves out the boundary metrics, as in reports written before them.
+    """
     workdir = epath.Path(path)
     workdir.mkdir(parents=True, exist_ok=True)
     step = config.num_train_steps if step is None else step
-    result = metrics.scores(_confusion(config.model.num_classes, correct, wrong))
+    confusion = _confusion(config.model.num_classes, correct, wrong)
+    result = metrics.scores(confusion)
+    if boundary:
+        counts = metrics.zero_counts(config.model.num_classes)
+        counts['boundary_intersection'] += correct // 2
+        counts['boundary_union'] += correct + wrong
+        counts['trimap_confusion'] += confusion
+        result |= metrics.boundary_scores(counts)
     names = [f'class{i}' for i in range(config.model.num_classes)]
     report = workdir_files.eval_report(result, names, step, config.dataset.eval_split)
     if 'config' in files:
@@ -110,7 +121,7 @@ def test_rows_delta_hardware_batch_and_outputs(tmp_path):
     resnet = fcn_resnet_voc.get_config('50')
     write_run(runs / 'fcn_resnet_voc_50', resnet, info=TPU | {'process_count': 2})
     custom = shapes_unet.get_config()
-    write_run(runs / 'shapes_unet', custom, files=('config', 'eval'))
+    write_run(runs / 'shapes_unet', custom, files=('config', 'eval'), boundary=False)
 
     paths = [str(runs / n) for n in ('fcn_voc_32s', 'fcn_voc_16s', 'fcn_resnet_voc_50')]
     results = replicate.collect(paths + [str(runs / 'shapes_unet')])
@@ -122,6 +133,8 @@ def test_rows_delta_hardware_batch_and_outputs(tmp_path):
     assert row['mean_iou'] == pytest.approx(100 * r32['mean_iou'])
     assert row['delta'] == pytest.approx(100 * r32['mean_iou'] - 63.6)
     assert row['pixel_accuracy'] == pytest.approx(100 * r32['pixel_accuracy'])
+    assert row['boundary_iou'] == pytest.approx(100 * r32['boundary_iou'])
+    assert row['trimap_mean_iou'] == pytest.approx(100 * r32['trimap_mean_iou_4px'])
     assert row['hardware'] == '4 x TPU v4'
     assert row['global_batch_size'] == 1 and row['step'] == 100_000
     assert row['wall_seconds'] == 7200.0 and row['notes'] == []
@@ -147,7 +160,8 @@ def test_rows_delta_hardware_batch_and_outputs(tmp_path):
     table = replicate.markdown_table(results)
     lines = table.splitlines()
     header = next(line for line in lines if line.startswith('| recipe'))
-    for column in ('reported', 'mean IoU (%)', 'delta', 'global batch', 'hardware', 'wall time'):
+    columns = ('reported', 'mean IoU (%)', 'delta', 'Boundary IoU (%)', 'trimap IoU 4 px (%)')
+    for column in columns + ('global batch', 'hardware', 'wall time'):
         assert f'| {column} |' in header
     body = [line for line in lines if line.startswith('| ') and line != header]
     cells = [c.strip() for c in body[0].split('|')[1:-1]]
@@ -159,8 +173,12 @@ def test_rows_delta_hardware_batch_and_outputs(tmp_path):
     ]
     assert cells[4] == f'{100 * r32["mean_iou"]:.1f}'
     assert cells[5] == f'{100 * r32["mean_iou"] - 63.6:+.1f}'
-    assert cells[7:11] == ['100,000', '1', '4 x TPU v4', '2.0 h']
-    assert [c.strip() for c in body[3].split('|')[1:-1]][3] == '—'
+    assert cells[7] == f'{100 * r32["boundary_iou"]:.1f}'
+    assert cells[8] == f'{100 * r32["trimap_mean_iou_4px"]:.1f}'
+    assert cells[9:13] == ['100,000', '1', '4 x TPU v4', '2.0 h']
+    # A run evaluated before the boundary metrics existed: no reported number, no boundaries.
+    old_run = [c.strip() for c in body[3].split('|')[1:-1]]
+    assert (old_run[3], old_run[7], old_run[8]) == ('—', '—', '—')
     assert 'Caveats:' in table and 'COCO' in table and 'Sources:' in table
     assert '(`voc-fcn32s/`); configs/fcn_voc.py:32s' in table
 
@@ -271,7 +289,7 @@ def test_every_replication_config_reaches_the_table(name, arg, tmp_path):
         assert cells[3] == f'{reported.mean_iou:.1f} {reported.metric}'
         assert cells[5] == f'{100 * report["mean_iou"] - reported.mean_iou:+.1f}'
     if reported.flag:
-        assert reported.flag in cells[11]
+        assert reported.flag in cells[13]
     if reported.caveat:
         assert f'- {reported.title}: {reported.caveat}' in table
     assert f'- {reported.title}: {reported.source}; {reported.recipe}' in table
