@@ -1,10 +1,14 @@
 """XLA flags the project's programs set before JAX starts its backends.
 
-Both flags name only the CPU backend; accelerators are unaffected. XLA reads them only from
-the `XLA_FLAGS` environment variable when it creates a backend (per-jit `compiler_options`
-do not reach them), so the entry points call `set_default_flags()` first. XLA refuses to
-start with a flag it does not know, so a jaxlib that drops one fails the whole test suite
-at once (tests/conftest.py sets the same flags). What each flag buys is measured by
+Both flags name only the CPU backend (`xla_cpu_...`), so they are set for CPU backends
+only, whatever else runs: `XLA_FLAGS` reaches every XLA in the process (libtpu and the CUDA
+plugin parse it too, and refuse a flag they do not know), but these two change nothing
+except XLA:CPU's compilation. `make accel-check` compiles TPU (and H100) programs with them
+set. XLA reads them only from the `XLA_FLAGS` environment variable when it creates a
+backend (per-jit `compiler_options` do not reach them), so the entry points call
+`set_default_flags()` first. XLA refuses to start with a flag it does not know, so a
+jaxlib that drops one fails the whole test suite at once (tests/conftest.py sets the same
+flags). What each flag buys is measured by
 `python -m benchmarks.model_benchmark` (train-step time and memory) and
 `python -m benchmarks.conv_benchmark` (single layers); results in `docs/performance.md`.
 

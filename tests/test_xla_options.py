@@ -18,7 +18,15 @@ PROGRAMS = [
     'experiments/skip_ablation.py',
     'benchmarks/model_benchmark.py',
     'benchmarks/profile_train_step.py',
+    'benchmarks/aot_compile.py',
 ]
+
+
+def test_the_flags_are_for_the_cpu_backend_only():
+    # XLA_FLAGS reaches every backend of the process (libtpu and the CUDA plugin parse it
+    # too); an `xla_cpu_` flag changes only how XLA:CPU compiles. `make accel-check`
+    # compiles for TPU (and H100) with these flags set, which they accept.
+    assert all(name.startswith('xla_cpu_') for name in xla_options.DEFAULT_FLAGS)
 
 
 def test_default_flags_are_added_to_the_users_flags(monkeypatch):

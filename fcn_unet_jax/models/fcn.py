@@ -166,6 +166,8 @@ class FCNVGG(nn.Module):
       dtype: compute dtype name.
       remat: rematerialise the encoder's conv+ReLU pairs.
       plain_ops: run every op as the plain Flax/XLA op (`ops.plain_ops`).
+      batch_norm_stats: BatchNorm statistics in training, 'global' or 'per_device'
+        (`ops.batch_norm_statistics`).
     """
 
     num_classes: int
@@ -179,10 +181,11 @@ class FCNVGG(nn.Module):
     dtype: str = 'float32'
     remat: bool = False
     plain_ops: bool = False
+    batch_norm_stats: str = 'global'
 
     @nn.compact
     def __call__(self, images: Array, *, train: bool) -> Array:
-        with ops.plain_ops(self.plain_ops):
+        with ops.plain_ops(self.plain_ops), ops.batch_norm_statistics(self.batch_norm_stats):
             return self._forward(images, train)
 
     def _forward(self, images: Array, train: bool) -> Array:
@@ -276,6 +279,8 @@ class FCNResNet(nn.Module):
       dtype: compute dtype name.
       remat: rematerialise each bottleneck block.
       plain_ops: run every op as the plain Flax/XLA op (`ops.plain_ops`).
+      batch_norm_stats: BatchNorm statistics in training, 'global' or 'per_device'
+        (`ops.batch_norm_statistics`).
     """
 
     num_classes: int
@@ -288,10 +293,11 @@ class FCNResNet(nn.Module):
     dtype: str = 'float32'
     remat: bool = False
     plain_ops: bool = False
+    batch_norm_stats: str = 'global'
 
     @nn.compact
     def __call__(self, images: Array, *, train: bool) -> Array | dict[str, Array]:
-        with ops.plain_ops(self.plain_ops):
+        with ops.plain_ops(self.plain_ops), ops.batch_norm_statistics(self.batch_norm_stats):
             return self._forward(images, train)
 
     def _forward(self, images: Array, train: bool) -> Array | dict[str, Array]:
@@ -333,6 +339,8 @@ class FCNSkipResNet(nn.Module):
       dtype: compute dtype name.
       remat: rematerialise each bottleneck block.
       plain_ops: run every op as the plain Flax/XLA op (`ops.plain_ops`).
+      batch_norm_stats: BatchNorm statistics in training, 'global' or 'per_device'
+        (`ops.batch_norm_statistics`).
     """
 
     num_classes: int
@@ -345,10 +353,11 @@ class FCNSkipResNet(nn.Module):
     dtype: str = 'float32'
     remat: bool = False
     plain_ops: bool = False
+    batch_norm_stats: str = 'global'
 
     @nn.compact
     def __call__(self, images: Array, *, train: bool) -> Array:
-        with ops.plain_ops(self.plain_ops):
+        with ops.plain_ops(self.plain_ops), ops.batch_norm_statistics(self.batch_norm_stats):
             return self._forward(images, train)
 
     def _forward(self, images: Array, train: bool) -> Array:

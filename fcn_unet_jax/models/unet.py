@@ -238,6 +238,8 @@ class UNet(nn.Module):
       dtype: compute dtype name.
       remat: rematerialise each level in the backward pass.
       plain_ops: run every op as the plain Flax/XLA op (`ops.plain_ops`).
+      batch_norm_stats: BatchNorm statistics in training, 'global' or 'per_device'
+        (`ops.batch_norm_statistics`).
     """
 
     num_classes: int
@@ -251,10 +253,11 @@ class UNet(nn.Module):
     dtype: str = 'float32'
     remat: bool = False
     plain_ops: bool = False
+    batch_norm_stats: str = 'global'
 
     @nn.compact
     def __call__(self, images: Array, *, train: bool) -> Array:
-        with ops.plain_ops(self.plain_ops):
+        with ops.plain_ops(self.plain_ops), ops.batch_norm_statistics(self.batch_norm_stats):
             return self._forward(images, train)
 
     def _forward(self, images: Array, train: bool) -> Array:
@@ -400,6 +403,8 @@ class EncoderUNet(nn.Module):
       dtype: compute dtype name.
       remat: rematerialise encoder stages and decoder blocks.
       plain_ops: run every op as the plain Flax/XLA op (`ops.plain_ops`).
+      batch_norm_stats: BatchNorm statistics in training, 'global' or 'per_device'
+        (`ops.batch_norm_statistics`).
     """
 
     num_classes: int
@@ -413,10 +418,11 @@ class EncoderUNet(nn.Module):
     dtype: str = 'float32'
     remat: bool = False
     plain_ops: bool = False
+    batch_norm_stats: str = 'global'
 
     @nn.compact
     def __call__(self, images: Array, *, train: bool) -> Array:
-        with ops.plain_ops(self.plain_ops):
+        with ops.plain_ops(self.plain_ops), ops.batch_norm_statistics(self.batch_norm_stats):
             return self._forward(images, train)
 
     def _forward(self, images: Array, train: bool) -> Array:

@@ -9,15 +9,15 @@ convolutions where that is exact, keep `nn.Conv` / `nn.ConvTranspose`'s paramete
 shapes, initialisers and dtype handling (so checkpoints and imported weights are
 unaffected), and fall back to flax for every configuration they do not cover.
 
-Most rewrites are plain matrix products and smaller convolutions and run on every
-platform: 1x1 convs as matrix products, the kernel gradient of stride-1 convs over the
-padded input, block transposed convs as a product and `depth_to_space`, the sub-pixel
-bilinear upsampler and `UpsampledConcatConv`. Three are specific to XLA:CPU and gated to
-it by `lax.platform_dependent` (XLA's own op runs elsewhere): Winograd's 3x3 convolution
-(`winograd.py`), the phase-wise input gradient of strided convs, and the swapped kernel
-gradient of narrowing convs (`kernel_gradient.py`). With `plain_ops` (`switch.py`) every
-layer here is the plain flax layer or XLA op. Measured speed-ups are in
-`docs/performance.md`.
+Every rewrite here was measured on XLA:CPU and runs there only (`platform.py`): 1x1 convs
+as matrix products, Winograd's 3x3 convolution (`winograd.py`), the phase-wise input
+gradient of strided convs, the kernel gradient of stride-1 convs over the padded input
+(`kernel_gradient.py`), block transposed convs as a product and `depth_to_space`, the
+sub-pixel bilinear upsampler and `UpsampledConcatConv`. A program lowered for a GPU or TPU
+holds the plain op instead, forward and backward: `nn.Conv`'s convolution,
+`lax.conv_transpose`, the convolution of the concatenation, each differentiated by JAX.
+With `plain_ops` (`switch.py`) every layer here is the plain flax layer or XLA op on every
+platform. Measured speed-ups are in `docs/performance.md`.
 """
 
 import functools
@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fcn_unet_jax.ops import kernel_gradient, winograd
+from fcn_unet_jax.ops import kernel_gradient, platform, winograd
 from fcn_unet_jax.ops.switch import uses_plain_ops
 
 Array = jax.Array
@@ -57,8 +57,8 @@ def upsample_transposed(x: Array, kernel: Array, factor: int) -> Array:
     (a, b) is a 2x2 convolution of the input padded by one pixel, and all f * f phases are
     one 2x2 convolution with f * f * out channels followed by `depth_to_space`. XLA would
     otherwise convolve a 2f x 2f kernel over the f-times dilated input: f * f times the
-    multiply-adds, nearly all with inserted zeros (and a far slower backward pass). With
-    `plain_ops` it is that `lax.conv_transpose`.
+    multiply-adds, nearly all with inserted zeros (and a far slower backward pass). On
+    other platforms than CPU, and with `plain_ops`, it is that `lax.conv_transpose`.
 
     Args:
       x: NHWC input.
@@ -68,14 +68,28 @@ def upsample_transposed(x: Array, kernel: Array, factor: int) -> Array:
     Returns:
       [N, (H + 1) f, (W + 1) f, out].
     """
-    f = factor
-    k, _, out_c, in_c = kernel.shape
-    if k != 2 * f:
-        raise ValueError(f'upsample_transposed needs a {2 * f}x{2 * f} kernel, got {k}x{k}.')
-    if uses_plain_ops():
-        return jax.lax.conv_transpose(
-            x, kernel, (f, f), 'VALID', dimension_numbers=_DIMENSION_NUMBERS, transpose_kernel=True
+    k = kernel.shape[0]
+    if k != 2 * factor:
+        raise ValueError(
+            f'upsample_transposed needs a {2 * factor}x{2 * factor} kernel, got {k}x{k}.'
         )
+    plain = functools.partial(_transposed_by_xla, factor=factor)
+    if uses_plain_ops():
+        return plain(x, kernel)
+    tuned = functools.partial(_upsample_subpixel, factor=factor)
+    return platform.cpu_rewrite(tuned, plain)(x, kernel)
+
+
+def _transposed_by_xla(x: Array, kernel: Array, factor: int) -> Array:
+    f = factor
+    return jax.lax.conv_transpose(
+        x, kernel, (f, f), 'VALID', dimension_numbers=_DIMENSION_NUMBERS, transpose_kernel=True
+    )
+
+
+def _upsample_subpixel(x: Array, kernel: Array, factor: int) -> Array:
+    f = factor
+    _, _, out_c, in_c = kernel.shape
     # Tap t = i f + a; the 2x2 conv's window position u = 1 - i reads input q - i.
     taps = kernel.reshape(2, f, 2, f, out_c, in_c)[::-1, :, ::-1]  # [u, a, v, b, out, in]
     taps = taps.transpose(0, 2, 5, 1, 3, 4).reshape(2, 2, in_c, f * f * out_c)
@@ -233,17 +247,16 @@ def input_grad_by_phases(dy, kernel, input_shape, strides, padding, dilation, pr
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def conv2d(x, kernel, strides, padding, dilation, precision=None):
-    """`lax.conv_general_dilated` (NHWC, HWIO) whose strided input gradient is phase-wise.
+    """`lax.conv_general_dilated` (NHWC, HWIO) whose gradients on CPU are rewritten.
 
     On CPU, a strided convolution's input gradient is computed phase by phase
-    (`input_grad_by_phases`, a quarter of the work of XLA's for stride 2). A stride-1
+    (`input_grad_by_phases`, a quarter of the work of XLA's for stride 2), and a stride-1
     convolution's kernel gradient is taken over the padded input
-    (`kernel_gradient.kernel_grad`, on every platform: it is the same convolution without
-    padding). Strided kernel gradients, stride-1 input gradients and the input gradients
-    on other platforms (`lax.platform_dependent`) are XLA's own. (With XLA's convolutions
-    on Eigen, as `xla_options` sets, one matrix product per kernel tap does not pay even
-    for thin kernels over large maps, such as a U-Net's class head: XLA's kernel gradient
-    is faster there.)
+    (`kernel_gradient.kernel_grad`: the same convolution without padding). Strided kernel
+    gradients and stride-1 input gradients are XLA's own; on other platforms both
+    gradients are (`platform.on_cpu`). (With XLA's convolutions on Eigen, as `xla_options`
+    sets, one matrix product per kernel tap does not pay even for thin kernels over large
+    maps, such as a U-Net's class head: XLA's kernel gradient is faster there.)
 
     Args:
       x: NHWC input.
@@ -261,25 +274,21 @@ def _conv2d_fwd(x, kernel, strides, padding, dilation, precision):
 
 
 def _conv2d_bwd(strides, padding, dilation, precision, residuals, dy):
-    x, kernel = residuals
-
     def conv(x_, kernel_):
         return _lax_conv(x_, kernel_, strides, padding, dilation, precision)
 
-    def xla_input_grad(x, dy):
-        return jax.vjp(lambda x_: conv(x_, kernel), x)[1](dy)[0]
+    def rewritten_on_cpu(x, kernel, dy):
+        if strides == (1, 1):
+            dx = jax.vjp(lambda x_: conv(x_, kernel), x)[1](dy)[0]
+            dkernel = kernel_gradient.kernel_grad(x, kernel, dy, padding, dilation, precision)
+        else:
+            dx = input_grad_by_phases(
+                dy, kernel, x.shape[1:3], strides, padding, dilation, precision
+            ).astype(x.dtype)
+            dkernel = jax.vjp(lambda k: conv(x, k), kernel)[1](dy)[0]
+        return dx, dkernel
 
-    def phase_input_grad(x, dy):
-        grad = input_grad_by_phases(dy, kernel, x.shape[1:3], strides, padding, dilation, precision)
-        return grad.astype(x.dtype)
-
-    if strides == (1, 1):
-        dx = xla_input_grad(x, dy)
-        dkernel = kernel_gradient.kernel_grad(x, kernel, dy, padding, dilation, precision)
-    else:
-        dx = jax.lax.platform_dependent(x, dy, cpu=phase_input_grad, default=xla_input_grad)
-        dkernel = jax.vjp(lambda k: conv(x, k), kernel)[1](dy)[0]
-    return dx, dkernel
+    return platform.on_cpu(rewritten_on_cpu, platform.vjp_of(conv), *residuals, dy)
 
 
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
@@ -296,11 +305,15 @@ conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 MIN_PIXELS_PER_IMAGE_BATCHED = 40 * 40
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def pointwise_conv(x: Array, kernel: Array, precision=None) -> Array:
-    """A 1x1 convolution as a matrix product over channels: [N, H, W, in] @ [in, out].
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def pointwise_conv(x: Array, kernel: Array, strides=(1, 1), precision=None) -> Array:
+    """A 1x1 convolution, zero padding, NHWC / HWIO: on CPU a matrix product over channels.
 
-    Its kernel gradient is a product over all N H W pixels, for which XLA's CPU backend
+    On CPU the convolution is `x[:, ::sh, ::sw] @ kernel[0, 0]`, [N, H, W, in] @ [in, out],
+    which XLA:CPU runs (above all its backward pass) several times faster than the 1x1
+    convolution; other platforms convolve (`platform.on_cpu`), forward and backward.
+
+    On CPU its kernel gradient is a product over all N H W pixels, for which XLA's CPU backend
     lays one operand out pixels-minor: it transposes that operand, usually inside the
     fusion that produces it (the BatchNorm backward pass), which then writes a whole
     activation in a cache-unfriendly order. Formed as `(dy^T x)^T` (JAX's own transpose
@@ -308,16 +321,58 @@ def pointwise_conv(x: Array, kernel: Array, precision=None) -> Array:
     `x` is. The gradient here picks the form that transposes the operand with fewer
     channels: `x` for expanding convs (a bottleneck's conv3 and projection, 4x smaller).
     On large maps it is a product per image instead (`MIN_PIXELS_PER_IMAGE_BATCHED`).
+
+    Args:
+      x: NHWC input.
+      kernel: (1, 1, in, out) kernel.
+      strides: (sh, sw).
+      precision: matmul / conv precision.
     """
-    return jax.lax.dot_general(x, kernel, (((3,), (0,)), ((), ())), precision=precision)
+    return _pointwise_conv_fwd(x, kernel, strides, precision)[0]
 
 
-def _pointwise_conv_fwd(x, kernel, precision):
-    return pointwise_conv(x, kernel, precision), (x, kernel)
+def _taken_pixels(x: Array, strides) -> Array:
+    """The pixels a strided 1x1 convolution reads: rows and columns 0, s, 2s, ..."""
+    return x if strides == (1, 1) else x[:, :: strides[0], :: strides[1]]
 
 
-def _pointwise_conv_bwd(precision, residuals, dy):
-    x, kernel = residuals
+def _pointwise_conv_fwd(x, kernel, strides, precision):
+    # The matrix product's operands are formed on every platform; where the convolution
+    # runs instead, they are unused and XLA drops them.
+    taken, matrix = _taken_pixels(x, strides), kernel[0, 0]
+
+    def product(taken, matrix, x, kernel):
+        return jax.lax.dot_general(taken, matrix, (((3,), (0,)), ((), ())), precision=precision)
+
+    def convolution(taken, matrix, x, kernel):
+        return _lax_conv(x, kernel, strides, ((0, 0), (0, 0)), (1, 1), precision)
+
+    y = platform.on_cpu(product, convolution, taken, matrix, x, kernel)
+    return y, (taken, matrix, x, kernel)
+
+
+def _pointwise_conv_bwd(strides, precision, residuals, dy):
+    def by_xla(taken, matrix, x, kernel, dy):
+        conv = functools.partial(
+            _lax_conv,
+            strides=strides,
+            padding=((0, 0), (0, 0)),
+            dilation=(1, 1),
+            precision=precision,
+        )
+        return jax.vjp(conv, x, kernel)[1](dy)
+
+    def by_products(taken, matrix, x, kernel, dy):
+        dtaken, dmatrix = _channel_product_grads(taken, matrix, dy, precision)
+        dx = jax.vjp(lambda x_: _taken_pixels(x_, strides), x)[1](dtaken)[0]
+        dkernel = jax.vjp(lambda k: k[0, 0], kernel)[1](dmatrix)[0]
+        return dx, dkernel
+
+    return platform.on_cpu(by_products, by_xla, *residuals, dy)
+
+
+def _channel_product_grads(x, kernel, dy, precision):
+    """The gradients of `x @ kernel` over channels, [N, H, W, in] @ [in, out] (see above)."""
     dx = jax.lax.dot_general(dy, kernel, (((3,), (1,)), ((), ())), precision=precision)
     pixels = ((0, 1, 2), (0, 1, 2))
     if x.shape[1] * x.shape[2] >= MIN_PIXELS_PER_IMAGE_BATCHED:
@@ -432,9 +487,7 @@ class Conv(nn.Conv):
         inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
         strides = _pair(self.strides)
         if plan == 'pointwise':
-            if strides != (1, 1):
-                inputs = inputs[:, :: strides[0], :: strides[1], :]
-            y = pointwise_conv(inputs, kernel[0, 0], self.precision)
+            y = pointwise_conv(inputs, kernel, strides, self.precision)
         else:
             y = _conv_taps(
                 inputs, kernel, strides, padding, _pair(self.kernel_dilation), self.precision
@@ -467,6 +520,7 @@ class ConvTranspose(nn.ConvTranspose):
             and self.kernel_dilation in (None, 1, (1, 1))
             and not self.transpose_kernel
             and self.mask is None
+            and self.preferred_element_type is None
         )
         return size[0] if plain else None
 
@@ -485,9 +539,19 @@ class ConvTranspose(nn.ConvTranspose):
             else None
         )
         inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
-        taps = kernel[::-1, ::-1].transpose(2, 0, 1, 3).reshape(in_features, -1)
-        y = jax.lax.dot_general(inputs, taps, (((3,), (0,)), ((), ())), precision=self.precision)
-        y = depth_to_space(y, f)
+        precision = self.precision
+
+        def product(inputs, kernel):
+            taps = kernel[::-1, ::-1].transpose(2, 0, 1, 3).reshape(in_features, -1)
+            y = jax.lax.dot_general(inputs, taps, (((3,), (0,)), ((), ())), precision=precision)
+            return depth_to_space(y, f)
+
+        def by_xla(inputs, kernel):  # `nn.ConvTranspose`'s call.
+            return jax.lax.conv_transpose(
+                inputs, kernel, (f, f), self.padding, rhs_dilation=(1, 1), precision=precision
+            )
+
+        y = platform.cpu_rewrite(product, by_xla)(inputs, kernel)
         return y if bias is None else y + bias
 
 
@@ -500,9 +564,10 @@ class UpsampledConcatConv(Conv):
     the concatenation. The convolution is split along the input channels: the upsampled
     part by `conv3x3_of_upsampled` at x's resolution, the skip (if any) by `Conv`'s own
     path; their sum is the convolution of the concatenation. That saves the upsampled and
-    concatenated tensors and more than half of the upsampled part's multiply-adds, on
-    every platform (`python -m benchmarks.conv_benchmark --table=decoder` times it against
-    the conv of the concatenation). With `plain_ops` it is that conv of the concatenation.
+    concatenated tensors and more than half of the upsampled part's multiply-adds on CPU
+    (`python -m benchmarks.conv_benchmark --table=decoder` times it against the conv of the
+    concatenation). On other platforms, and with `plain_ops`, it is that conv of the
+    concatenation (`platform.cpu_rewrite`).
 
     Only `features`, `use_bias`, the initialisers, dtypes and `precision` are used: the
     kernel size, strides and padding are fixed by what the layer computes.
@@ -528,15 +593,23 @@ class UpsampledConcatConv(Conv):
         inputs, skip, kernel, bias = self.promote_dtype(
             inputs, skip, kernel, bias, dtype=self.dtype
         )
+        precision = self.precision
+
+        def conv_of_concatenation(inputs, kernel, *skip):
+            merged = jnp.concatenate([upsample_nearest2x(inputs), *skip], axis=-1)
+            return _lax_conv(merged, kernel, (1, 1), ((1, 1), (1, 1)), (1, 1), precision)
+
+        def split(inputs, kernel, *skip):
+            y = conv3x3_of_upsampled(inputs, kernel[:, :, :up_channels], precision)
+            if skip:
+                y = y + _conv_taps(
+                    skip[0], kernel[:, :, up_channels:], (1, 1), ((1, 1), (1, 1)), (1, 1), precision
+                )
+            return y
+
+        args = (inputs, kernel) if skip is None else (inputs, kernel, skip)
         if uses_plain_ops():
-            merged = upsample_nearest2x(inputs)
-            if skip is not None:
-                merged = jnp.concatenate([merged, skip], axis=-1)
-            y = _lax_conv(merged, kernel, (1, 1), ((1, 1), (1, 1)), (1, 1), self.precision)
-            return y if bias is None else y + bias
-        y = conv3x3_of_upsampled(inputs, kernel[:, :, :up_channels], self.precision)
-        if skip is not None:
-            y = y + _conv_taps(
-                skip, kernel[:, :, up_channels:], (1, 1), ((1, 1), (1, 1)), (1, 1), self.precision
-            )
+            y = conv_of_concatenation(*args)
+        else:
+            y = platform.cpu_rewrite(split, conv_of_concatenation)(*args)
         return y if bias is None else y + bias

@@ -5,8 +5,9 @@ window is the output map; with the padding inside that convolution it runs far s
 than the same gradient of a VALID convolution over an input padded beforehand, for 3x3,
 dilated and 2x2 kernels alike. Strided convolutions are the exception (there the padded
 form is slower) and keep XLA's own gradient. The padded copy is a transient of the
-backward pass. The padded form is plain XLA and runs on every platform; with `plain_ops`
-XLA differentiates the convolution itself (`convolutions.Conv` is then `nn.Conv`).
+backward pass. Both forms here run on XLA:CPU only: they are called from the CPU branches
+of the convolutions' backward rules (`convolutions.conv2d`, `winograd.conv3x3`), and other
+platforms, like `plain_ops`, get XLA's own gradient of the convolution.
 `python -m benchmarks.conv_benchmark --table=kernel_gradient` times the three forms of
 this module; results in `docs/performance.md`.
 
@@ -14,8 +15,7 @@ That convolution treats the images as its input channels, so XLA first copies on
 operands into images-minor order, a transpose that walks the whole tensor across cache
 lines. Formed the usual way, the operand copied is the input; with the roles swapped
 (`kernel_grad_over_output_gradient`), it is the output gradient, which is the cheaper
-copy where a convolution narrows its channels (`transposes_output_gradient`). The
-swapped form is taken on XLA:CPU only (`lax.platform_dependent`).
+copy where a convolution narrows its channels (`transposes_output_gradient`).
 """
 
 import jax
@@ -95,12 +95,12 @@ def kernel_grad_over_output_gradient(
 
 
 def kernel_grad(x: Array, kernel: Array, dy: Array, padding, dilation, precision=None) -> Array:
-    """The gradient, with respect to `kernel`, of a stride-1 NHWC / HWIO convolution.
+    """The gradient, with respect to `kernel`, of a stride-1 NHWC / HWIO convolution, on CPU.
 
-    Over the padded input everywhere; on CPU, for convolutions that narrow their channels
+    Over the padded input; for convolutions that narrow their channels
     (`transposes_output_gradient`), in the swapped form that copies `dy` rather than `x`
-    into images-minor order. Call it from a custom VJP's backward rule: there the
-    platform choice (`lax.platform_dependent`) is not itself differentiated.
+    into images-minor order. Call it from the CPU branch of a custom VJP's backward rule
+    (`platform.on_cpu`): both forms were measured on XLA:CPU only.
 
     Args:
       x: NHWC input of the convolution.
@@ -110,13 +110,6 @@ def kernel_grad(x: Array, kernel: Array, dy: Array, padding, dilation, precision
       dilation: kernel dilation (dh, dw).
       precision: conv precision.
     """
-    if not transposes_output_gradient(kernel.shape, dy.shape):
-        return kernel_grad_over_input(x, kernel, dy, padding, dilation, precision)
-
-    def over_input(x, dy):
-        return kernel_grad_over_input(x, kernel, dy, padding, dilation, precision)
-
-    def over_output_gradient(x, dy):
+    if transposes_output_gradient(kernel.shape, dy.shape):
         return kernel_grad_over_output_gradient(x, kernel, dy, padding, dilation, precision)
-
-    return jax.lax.platform_dependent(x, dy, cpu=over_output_gradient, default=over_input)
+    return kernel_grad_over_input(x, kernel, dy, padding, dilation, precision)

@@ -9,7 +9,8 @@ one int64 index per output; `benchmarks/model_benchmark.py` measures both, resul
 anyway, the pooling's input and output: window position by window position, in row-major
 order, the input is compared with the window's maximum and the output gradient is placed
 where the first maximum sits. That is elementwise work XLA fuses, with nothing stored.
-It runs on every platform; with `plain_ops` the pooling is `nn.max_pool`, gradient and all.
+It runs on XLA:CPU only (`platform.on_cpu`); other platforms, and `plain_ops`, run
+`nn.max_pool`, gradient and all.
 
 The function is `nn.max_pool`'s, gradient included: each window's gradient goes to its
 first maximum in row-major order, as `select_and_scatter` (and PyTorch) choose on ties,
@@ -24,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fcn_unet_jax.ops import platform
 from fcn_unet_jax.ops.switch import uses_plain_ops
 
 Array = jax.Array
@@ -34,10 +36,18 @@ def _pad(x: Array, padding: tuple[Pair, Pair]) -> Array:
     return jnp.pad(x, ((0, 0), *padding, (0, 0)), constant_values=-jnp.inf)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def _max_pool(x: Array, window: Pair, strides: Pair, padding: tuple[Pair, Pair]) -> Array:
+def _max_pool_of_padded(x: Array, window: Pair, strides: Pair, padding) -> Array:
     return jax.lax.reduce_window(
         _pad(x, padding), -jnp.inf, jax.lax.max, (1, *window, 1), (1, *strides, 1), 'VALID'
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _max_pool(x: Array, window: Pair, strides: Pair, padding: tuple[Pair, Pair]) -> Array:
+    return platform.on_cpu(
+        functools.partial(_max_pool_of_padded, window=window, strides=strides, padding=padding),
+        functools.partial(nn.max_pool, window_shape=window, strides=strides, padding=padding),
+        x,
     )
 
 
@@ -47,7 +57,12 @@ def _max_pool_fwd(x, window, strides, padding):
 
 
 def _max_pool_bwd(window, strides, padding, residuals, dy):
-    x, y = residuals
+    by_flax = functools.partial(nn.max_pool, window_shape=window, strides=strides, padding=padding)
+    lean = functools.partial(_lean_gradient, window=window, strides=strides, padding=padding)
+    return platform.on_cpu(lean, lambda x, y, dy: platform.vjp_of(by_flax)(x, dy), *residuals, dy)
+
+
+def _lean_gradient(x, y, dy, window, strides, padding):
     x_pad = _pad(x, padding)
     _, height, width, _ = x_pad.shape
     _, out_h, out_w, _ = y.shape

@@ -12,8 +12,8 @@ does every multiply-add, the widest layers of the model zoo (the FCN-ResNet head
 dilated layer4, VGG16's 512-channel blocks) then run markedly faster, forward and in
 training; `python -m benchmarks.conv_benchmark --table=winograd` times each layer shape
 both ways, and `docs/performance.md` holds the results. Only XLA:CPU runs the transformed
-form (`lax.platform_dependent`): other platforms convolve directly, as does `plain_ops`
-(`convolutions.Conv` then never calls this module).
+form (`platform.on_cpu`): other platforms convolve directly and take XLA's own gradients,
+as does `plain_ops` (`convolutions.Conv` then never calls this module).
 
 Dilated convolutions tile each of the dilation's residue classes: with dilation d the
 outputs `m d k + d i + r` (i < m) of one residue r read the inputs `m d k + d j + r`
@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fcn_unet_jax.ops import kernel_gradient, xla_cpu
+from fcn_unet_jax.ops import kernel_gradient, platform, xla_cpu
 
 Array = jax.Array
 
@@ -332,7 +332,7 @@ def _trains_by_winograd(x, kernel) -> bool:
 def conv3x3(x: Array, kernel: Array, dilation, padding, precision=None) -> Array:
     """A stride-1 3x3 convolution (NHWC, HWIO), by Winograd's minimal filtering on CPU.
 
-    Other platforms (`lax.platform_dependent`) convolve directly, forward and backward.
+    Other platforms (`platform.on_cpu`) convolve directly, with XLA's own gradients.
 
     Equal to `lax.conv_general_dilated(x, kernel, (1, 1), padding, rhs_dilation=dilation)`
     up to float32 rounding. The forward pass alone runs F(4x4) (or F(2x2), see
@@ -340,8 +340,8 @@ def conv3x3(x: Array, kernel: Array, dilation, padding, precision=None) -> Array
     that pays in training (`pays(..., 'training')`): the kernel gradient is one product
     per transform point of the transformed input and the transformed output gradient,
     the input gradient the adjoint transforms of that gradient times the transformed
-    kernel; elsewhere it differentiates the direct convolution (its kernel gradient over
-    the padded input, `kernel_gradient.kernel_grad`).
+    kernel; elsewhere it differentiates the direct convolution (on CPU with its kernel
+    gradient over the padded input, `kernel_gradient.kernel_grad`).
 
     Args:
       x: NHWC float32 input.
@@ -355,24 +355,13 @@ def conv3x3(x: Array, kernel: Array, dilation, padding, precision=None) -> Array
     def transformed(x, kernel):
         return minimal_filtering(x, kernel, dilation, padding, tile_size, precision)
 
-    return _on_cpu(
+    return platform.on_cpu(
         transformed, functools.partial(_direct, **_static(dilation, padding, precision)), x, kernel
     )
 
 
 def _static(dilation, padding, precision) -> dict:
     return {'dilation': dilation, 'padding': padding, 'precision': precision}
-
-
-def _on_cpu(transformed, direct, *args):
-    """`transformed(*args)` on CPU, `direct(*args)` elsewhere.
-
-    Chosen inside the custom VJP's rules, never around the differentiated function: a
-    `lax.platform_dependent` there is a conditional that automatic differentiation
-    linearises branch by branch, which adds seconds of tracing and compilation to a deep
-    network's train step even where neither branch is transformed.
-    """
-    return jax.lax.platform_dependent(*args, cpu=transformed, default=direct)
 
 
 def _conv3x3_fwd(x, kernel, dilation, padding, precision):
@@ -383,7 +372,7 @@ def _conv3x3_fwd(x, kernel, dilation, padding, precision):
     def transformed(x, kernel):
         return minimal_filtering(x, kernel, dilation, padding, 2, precision)
 
-    return _on_cpu(transformed, direct, x, kernel), (x, kernel)
+    return platform.on_cpu(transformed, direct, x, kernel), (x, kernel)
 
 
 def _kernel_grad_product(v: Array, dm: Array, precision) -> Array:
@@ -403,13 +392,17 @@ def _conv3x3_bwd(dilation, padding, precision, residuals, dy):
     x, kernel = residuals
     static = _static(dilation, padding, precision)
 
-    def direct_vjp(x, kernel, dy):
+    def direct_vjp_on_cpu(x, kernel, dy):
         dx = jax.vjp(lambda x_: _direct(x_, kernel, **static), x)[1](dy)[0]
         return dx, kernel_gradient.kernel_grad(x, kernel, dy, padding, dilation, precision)
 
-    if not _trains_by_winograd(x, kernel):
-        return direct_vjp(x, kernel, dy)
-    return _on_cpu(functools.partial(_transformed_vjp, **static), direct_vjp, x, kernel, dy)
+    on_cpu = (
+        functools.partial(_transformed_vjp, **static)
+        if _trains_by_winograd(x, kernel)
+        else direct_vjp_on_cpu
+    )
+    by_xla = platform.vjp_of(functools.partial(_direct, **static))
+    return platform.on_cpu(on_cpu, by_xla, x, kernel, dy)
 
 
 def _transformed_vjp(x, kernel, dy, *, dilation, padding, precision):

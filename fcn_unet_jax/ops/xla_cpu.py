@@ -1,7 +1,7 @@
 """Steering XLA's CPU compiler: values it must compute once, recomputations it must keep.
 
 Two identity functions that change only how XLA:CPU schedules a program; every other
-platform gets the value unchanged (`lax.platform_dependent`), since their compilers weigh
+platform gets the value unchanged (`platform.on_cpu`), since their compilers weigh
 recomputation against memory traffic themselves and keep `jax.checkpoint`'s barriers.
 With `plain_ops` both are the identity everywhere.
 
@@ -27,6 +27,7 @@ With `plain_ops` both are the identity everywhere.
 import jax
 import jax.numpy as jnp
 
+from fcn_unet_jax.ops import platform
 from fcn_unet_jax.ops.switch import uses_plain_ops
 
 Array = jax.Array
@@ -42,7 +43,7 @@ def _through_conditional(x: Array) -> Array:
 
 @jax.custom_vjp
 def _materialize_on_cpu(x: Array) -> Array:
-    return jax.lax.platform_dependent(x, cpu=_through_conditional, default=lambda v: v)
+    return platform.on_cpu(_through_conditional, lambda v: v, x)
 
 
 def _materialize_fwd(x: Array):
@@ -85,4 +86,6 @@ def keep_recomputation_on_cpu(x: Array) -> Array:
         random = jax.lax.rng_uniform(jnp.float32(0), jnp.float32(1), ())
         return x + (random * 0).astype(x.dtype)
 
-    return jax.lax.platform_dependent(x, cpu=with_distinct_zero, default=lambda x: x)
+    # Not inside a custom VJP: differentiated, both branches are linearised, which costs
+    # little for an addition and the identity.
+    return platform.on_cpu(with_distinct_zero, lambda x: x, x)

@@ -121,6 +121,7 @@ def model_config_for(
     config.decoder_channels = tuple(decoder_channels)
     config.remat = False
     config.plain_ops = False
+    config.batch_norm_stats = 'global'
     return config
 
 

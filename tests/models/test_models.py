@@ -215,15 +215,19 @@ def test_encoder_unet_decoder_convolves_the_upsampled_input_at_its_own_size(merg
     assert len(row_repeats) == upsampled
 
 
-def test_resnet_pointwise_convs_run_as_matrix_products():
-    # The 1x1 convs (3 of the 4 convs with a projection) must not reach XLA as convolutions:
-    # only the stem and the 3x3 convs remain.
+def test_resnet_pointwise_convs_run_as_matrix_products_on_cpu_only():
+    # On CPU the 1x1 convs (3 of the 4 convs with a projection) must not reach XLA as
+    # convolutions: only the stem and the 3x3 convs remain. On GPUs the plain convs run.
     model = ResNet(depth=50, width=1 / 16)
     x = jnp.zeros((1, 64, 64, 3))
     variables = model.init(jax.random.key(0), x, train=False)
-    jaxpr = str(jax.make_jaxpr(functools.partial(model.apply, train=False))(variables, x))
-    assert jaxpr.count('conv_general_dilated[') == 1 + 16  # Stem + one 3x3 per block.
-    assert jaxpr.count('dot_general[') == 16 * 2 + 4  # conv1 + conv3 per block, 4 projections.
+    traced = jax.jit(functools.partial(model.apply, train=False)).trace(variables, x)
+    cpu = traced.lower(lowering_platforms=('cpu',)).as_text()
+    assert cpu.count('stablehlo.convolution') == 1 + 16  # Stem + one 3x3 per block.
+    assert cpu.count('stablehlo.dot_general') == 16 * 2 + 4  # conv1 + conv3 per block, 4 proj.
+    cuda = traced.lower(lowering_platforms=('cuda',)).as_text()
+    assert cuda.count('stablehlo.convolution') == 1 + 16 * 3 + 4
+    assert cuda.count('stablehlo.dot_general') == 0
 
 
 @pytest.mark.parametrize('name', ['fcn8s_vgg16', 'unet'])

@@ -57,7 +57,7 @@ def test_cli_converts_to_an_orbax_checkpoint(resnet50_state, tmp_path):
     with pytest.raises(ValueError, match="for model 'fcn_resnet50'.*builds 'fcn_resnet101'"):
         weights.load_pretrained(output, model_name='fcn_resnet101')
     with pytest.raises(SystemExit) as exit_info:
-        convert_cli.main([f'--input={source}', '--model=fcn_resnet50', f'--output={output}'])
+        convert_cli.run([f'--input={source}', '--model=fcn_resnet50', f'--output={output}'])
     assert exit_info.value.code == 1
 
 
@@ -83,7 +83,7 @@ def test_converter_refuses_what_training_refuses(tmp_path, capsys):
     assert by_training.value.missing == refused.value.missing
 
     with pytest.raises(SystemExit) as exit_info:
-        convert_cli.main([f'--input={source}', '--model=fcn8s_vgg16', f'--output={output}'])
+        convert_cli.run([f'--input={source}', '--model=fcn8s_vgg16', f'--output={output}'])
     assert exit_info.value.code == 1
     assert 'params/backbone/fc6/kernel' in capsys.readouterr().err
     assert not output.exists()

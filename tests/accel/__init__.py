@@ -1,0 +1,1 @@
+"""Compile checks for accelerators without the hardware (`make accel-check`)."""
