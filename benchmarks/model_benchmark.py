@@ -3,7 +3,7 @@ r"""Train-step and inference speed of the model zoo, next to the PyTorch counter
 For each model, at one resolution and batch size, on random images and labels (the same
 NumPy arrays for both frameworks):
 
-* train img/s: the trainer's jitted step, `train.jit_train_step` (forward, cross-entropy,
+* train img/s: the trainer's jitted step, `train_steps.jit_train_step` (forward, cross-entropy,
   backward, SGD with momentum 0.9, BatchNorm statistics update), median of the timed steps;
 * infer img/s: the jitted `model.apply(..., train=False)` (logits at input size);
 * compile s: tracing, lowering and compiling the train step;
@@ -189,7 +189,7 @@ def _jax_worker(name: str) -> dict[str, Any]:
 
     import jax
 
-    from fcn_unet_jax import inference, models, train
+    from fcn_unet_jax import inference, models, train_steps
 
     _release_free_memory()
     base_rss = _rss_bytes()
@@ -201,10 +201,10 @@ def _jax_worker(name: str) -> dict[str, Any]:
 
     mesh = sharding.create_mesh()
     model = models.build_model(config.model)
-    state, tx, schedule = train.create_train_state(config, model, mesh, jax.random.key(0))
+    state, tx, schedule = train_steps.create_train_state(config, model, mesh, jax.random.key(0))
     batch = jax.device_put({'image': images, 'label': labels}, sharding.batch_sharding(mesh))
     rng = jax.device_put(jax.random.key(1), sharding.replicated_sharding(mesh))
-    step_fn = train.jit_train_step(config, model, tx, schedule, mesh)
+    step_fn = train_steps.jit_train_step(config, model, tx, schedule, mesh)
     start = time.perf_counter()
     compiled_step = step_fn.lower(state, batch, rng).compile()
     compile_s = time.perf_counter() - start

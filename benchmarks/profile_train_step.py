@@ -2,7 +2,7 @@ r"""Where the time of one train step goes: a per-operation profile of the compil
 
 (`--mode=infer` profiles the jitted inference forward pass instead.)
 
-Compiles the project's train step (`train.jit_train_step`) for one model (the set-up of
+Compiles the project's train step (`train_steps.jit_train_step`) for one model (the set-up of
 `model_setup.py`, shared with `model_benchmark.py`), runs a few steps under
 `jax.profiler.trace`, and reads the trace back (`jax.profiler.ProfileData`): every XLA
 operation the CPU runtime executed is an event named after its HLO instruction. Events are
@@ -147,7 +147,7 @@ def main(argv):
     del argv
     import jax
 
-    from fcn_unet_jax import models, train
+    from fcn_unet_jax import models, train_steps
 
     config = model_setup.benchmark_config(
         FLAGS.model, FLAGS.size, FLAGS.batch_size, FLAGS.num_classes
@@ -158,13 +158,13 @@ def main(argv):
 
     mesh = sharding.create_mesh()
     model = models.build_model(config.model)
-    state, tx, schedule = train.create_train_state(config, model, mesh, jax.random.key(0))
+    state, tx, schedule = train_steps.create_train_state(config, model, mesh, jax.random.key(0))
     replicated, batched = sharding.replicated_sharding(mesh), sharding.batch_sharding(mesh)
     batch = jax.device_put({'image': images, 'label': labels}, batched)
     key = jax.device_put(jax.random.key(1), replicated)
     if FLAGS.mode == 'train':
         compiled = (
-            train.jit_train_step(config, model, tx, schedule, mesh)
+            train_steps.jit_train_step(config, model, tx, schedule, mesh)
             .lower(state, batch, key)
             .compile()
         )

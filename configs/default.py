@@ -59,6 +59,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Run every op as plain Flax/XLA, without the measured CPU rewrites of fcn_unet_jax.ops
     # (same parameters and function): to check a result against the reference ops.
     config.model.plain_ops = False
+    # BatchNorm statistics in training: 'global' (over the whole batch, synchronised across
+    # devices, so results do not depend on the device count) or 'per_device' (over each
+    # device's shard: fewer cross-device sums, results depend on the device count). See
+    # docs/accelerators.md.
+    config.model.batch_norm_stats = 'global'
 
     # --- Dataset (tfds builder and splits) ---
     config.dataset = ml_collections.ConfigDict()
@@ -137,7 +142,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 500
     config.keep_checkpoints = 3
     # Initialisation: a converted pretrained checkpoint (fcn_unet_jax.weights), or the
-    # workdir of a previous run (FCN staging 32s -> 16s -> 8s).
+    # workdir of a previous run (FCN staging 32s -> 16s -> 8s). None, '' or 'None' (as the
+    # command line gives it: --config.init_from=None): from scratch.
     config.init_from = ml_collections.config_dict.placeholder(str)
 
     # --- Evaluation / inference ---
@@ -147,6 +153,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval.window_overlap = 0.25
     config.eval.flip = False
     config.eval.scales = (1.0,)
+    # Examples of the eval split (its first ones) whose image | ground truth | prediction
+    # panels each evaluation writes to TensorBoard, with the confusion matrix; 0: none.
+    config.eval.tensorboard_images = 4
 
     # --- The number the replicated paper reports (read by experiments/replicate.py) ---
     # Filled by `set_reported` in the configs that replicate a paper; these defaults mean

@@ -16,19 +16,24 @@ scaled linearly with the batch. U-Net: AdamW 3e-4 with 500 warm-up steps and a c
 schedule, weight decay 1e-4, cross-entropy + Dice loss (robust to small foreground
 classes). All: 10,000 steps, ImageNet mean/std, whole-image evaluation.
 
-`config.dataset.folder_root` must be given; `config.model.num_classes` defaults to 2 (set
-it to your class count). `init_from` defaults to `weights/MODEL_imagenet`, the ImageNet
-encoder (torchvision's `resnet50.pth` / `resnet101.pth` / `vgg16.pth`) converted once for
-that model (a converted checkpoint only loads into the model it was made for):
+`config.dataset.folder_root` must be given. `config.model.num_classes` is left unset: the
+run takes the class count from the dataset (the lines of classes.txt, or the labels found);
+a count given with `--config.model.num_classes=N` must agree with it. `init_from` defaults
+to `weights/MODEL_imagenet`, the ImageNet encoder (torchvision's `resnet50.pth` /
+`resnet101.pth` / `vgg16.pth`) converted once for that model (a converted checkpoint only
+loads into the model it was made for), relative to the working directory:
 
-    python -m fcn_unet_jax.weights.convert --input=resnet50.pth --model=unet_resnet50 \
+    fcn-unet download-weights unet_resnet50_imagenet --dir=weights
+    fcn-unet convert-weights --input=resnet50-0676ba61.pth --model=unet_resnet50 \
         --output=weights/unet_resnet50_imagenet
 
-Override it with `--config.init_from=PATH`; `runlocal` clears it.
+(the first downloads torchvision's file and converts it; the second converts a file you
+have). Override it with `--config.init_from=PATH`; `--config.init_from=None` and
+`runlocal` train from scratch.
 
 Launch:
 
-    python -m fcn_unet_jax.main --config=configs/folder_preset.py:unet_resnet50,640 \
+    fcn-unet train --config=folder_preset:unet_resnet50,640 \
         --workdir=workdirs/my_data_unet_resnet50_640 --config.dataset.folder_root=/path/to/data
 """
 
@@ -67,7 +72,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = default.get_config()
     config.dataset.name = 'folder'
     config.model.name = model_name
-    config.model.num_classes = 2
+    # From the dataset's classes (train.resolve_config), unless given.
+    config.model.num_classes = ml_collections.config_dict.placeholder(int)
     config.input.crop_size = (size, size)
     config.input.scale_range = (0.5, 2.0)
     config.input.hflip = True

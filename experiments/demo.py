@@ -3,8 +3,10 @@
 Builds the synthetic `shapes` dataset if needed, trains both models (configs/shapes_unet.py
 and configs/shapes_fcn8s.py) into `WORKDIR/<model>`, prints a Markdown table of their
 validation metrics and writes image | ground truth | prediction overlays of a few
-validation images to `WORKDIR/<model>/overlays/`. Rerunning resumes (a finished run is only
-re-evaluated); delete WORKDIR to train from scratch.
+validation images (titled, enlarged, with a class legend) to `WORKDIR/<model>/overlays/`.
+Rerunning resumes (a finished run is only re-evaluated); delete WORKDIR to train from
+scratch. Input errors (a WORKDIR holding other runs, missing data) are one `error: ...` line
+with exit status 1 (`--traceback` adds the traceback; see `fcn_unet_jax.errors`).
 
     python -m experiments.demo --workdir=workdirs/demo
 """
@@ -20,7 +22,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from configs import shapes_fcn8s, shapes_unet
-from fcn_unet_jax import checkpointing, inference, models, train, visualize, xla_options
+from fcn_unet_jax import checkpointing, errors, inference, train, visualize, xla_options
 from fcn_unet_jax.data import builders, input_pipeline
 
 FLAGS = flags.FLAGS
@@ -49,8 +51,7 @@ def write_overlays(config: ml_collections.ConfigDict, workdir: str, count: int) 
     Returns:
       Paths of the written PNG files.
     """
-    variables = checkpointing.restore_variables(workdir)
-    model = models.build_model(config.model)
+    model, variables = checkpointing.restore_model(workdir, config)
     info = input_pipeline.get_dataset_info(config)
 
     @jax.jit
@@ -66,7 +67,7 @@ def write_overlays(config: ml_collections.ConfigDict, workdir: str, count: int) 
         image = np.asarray(example['image'])
         label = np.asarray(example['segmentation_mask'])[..., 0]
         pred = np.asarray(predict(np.asarray(input_pipeline.preprocess_image(image, config))))
-        panel = visualize.comparison_panel(image, label, pred, info.palette)
+        panel = visualize.labelled_panel(image, label, pred, info.class_names, info.palette)
         file_name = example['file_name']
         if isinstance(file_name, bytes):
             file_name = file_name.decode()
@@ -116,4 +117,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == '__main__':
     xla_options.set_default_flags()  # Before JAX starts its backends.
-    app.run(main)
+    app.run(errors.guard(main), flags_parser=errors.parse_flags)

@@ -11,234 +11,50 @@ Reproducibility: the input pipeline is a function of (seed, step) and dropout us
 `fold_in(key, step)`, so a run resumed from a checkpoint at step k ends with the same
 parameters as an uninterrupted one. Rerunning the same command resumes from `workdir`.
 
-The mesh and the moves between host and global arrays are in `sharding.py`, the run
+A workdir is never harmed by a command that does not fit it: before any checkpoint is
+touched, the config is compared with the workdir's config.json (`workdir.config_changes`),
+and a change of a field that defines the run (the model, the optimiser's state tree, the
+data) is refused with a `UserError` listing the fields; training with
+`restart_from_scratch=True` moves the old run aside first (`workdir.move_run_aside`).
+Evaluation only reads the workdir's checkpoints. A failed start leaves no new workdir
+behind: the workdir is created only once the dataset, model and train state are built.
+
+The train state and the pure train and eval steps are in `train_steps.py`, the mesh and
+the moves between host and global arrays in `sharding.py`, the run
 directory's files in `workdir.py` (only process 0 writes them) and the checkpoints in
 `checkpointing.py` (every process takes part, as orbax requires).
 """
 
 import functools
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import flax
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
 from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from fcn_unet_jax import checkpointing, inference, losses, metrics, models, optimizers, sharding
+from fcn_unet_jax import (
+    checkpointing,
+    console,
+    errors,
+    eval_pictures,
+    inference,
+    metrics,
+    models,
+    sharding,
+    train_steps,
+)
 from fcn_unet_jax import workdir as workdir_files
 from fcn_unet_jax.data import builders, input_pipeline
 
-# Variable collections the train step updates (other non-param collections, such as the
-# FCN's fixed bilinear upsamplers in `frozen`, are carried along unchanged).
-MUTABLE_COLLECTIONS = ('batch_stats',)
-
-
-@flax.struct.dataclass
-class TrainState:
-    """Everything a checkpoint holds.
-
-    Attributes:
-      step: number of optimiser steps taken (the data position: the pipeline resumes from it).
-      params: the learnable `params` collection.
-      model_state: the other variable collections (`batch_stats`, `frozen`, ...).
-      opt_state: the optax state.
-    """
-
-    step: jax.Array
-    params: Any
-    model_state: Any
-    opt_state: Any
-
-    def variables(self) -> dict:
-        """The model's variables, ready for `model.apply`."""
-        return {'params': self.params, **self.model_state}
-
-
-def initial_variables(
-    model: flax.linen.Module, config: ml_collections.ConfigDict, rng: jax.Array
-) -> dict:
-    """Initialises the model's variables on a dummy crop-sized image."""
-    height, width = config.input.crop_size
-    images = jnp.zeros((1, height, width, config.model.input_channels), jnp.float32)
-    return flax.core.unfreeze(model.init({'params': rng}, images, train=False))
-
-
-def create_train_state(
-    config: ml_collections.ConfigDict,
-    model: flax.linen.Module,
-    mesh: Mesh,
-    rng: jax.Array,
-) -> tuple[TrainState, optax.GradientTransformation, optax.Schedule]:
-    """Initialises the replicated train state (and `config.init_from`, when set).
-
-    Args:
-      config: the full config.
-      model: the model from `models.build_model(config.model)`.
-      mesh: the data-parallel mesh.
-      rng: key for parameter initialisation.
-
-    Returns:
-      (state, optimiser, learning-rate schedule).
-    """
-    replicated = sharding.replicated_sharding(mesh)
-    abstract = jax.eval_shape(lambda r: initial_variables(model, config, r), rng)
-    tx, schedule = optimizers.create_optimizer(config, abstract['params'])
-
-    def init(variables):
-        params = variables.pop('params')
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            model_state=variables,
-            opt_state=tx.init(params),
-        )
-
-    variables = jax.jit(lambda r: initial_variables(model, config, r), out_shardings=replicated)(
-        rng
-    )
-    if config.init_from:
-        from fcn_unet_jax import weights  # The weights importer; only needed here.
-
-        host = jax.tree_util.tree_map(sharding.to_host, variables)
-        merged = weights.initialize_from(config.init_from, host, config.model)
-        variables = sharding.replicate(merged, replicated)
-    state = jax.jit(init, out_shardings=replicated)(variables)
-    return state, tx, schedule
-
-
-def train_step(
-    state: TrainState,
-    batch: Mapping[str, jax.Array],
-    rng: jax.Array,
-    *,
-    model: flax.linen.Module,
-    tx: optax.GradientTransformation,
-    schedule: optax.Schedule,
-    loss_config: ml_collections.ConfigDict,
-    ignore_label: int,
-) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimiser step on a global batch (pure; jitted by the caller).
-
-    Args:
-      state: the current train state.
-      batch: `image` [B, H, W, C], `label` [B, H, W] and optionally `weight` [B, H, W].
-      rng: base key; dropout uses `fold_in(rng, state.step)`.
-      model: the Flax module.
-      tx: the optimiser.
-      schedule: learning-rate schedule (for logging only).
-      loss_config: `config.loss`.
-      ignore_label: label value that is ignored.
-
-    Returns:
-      (new state, float32 scalars: `loss` and its terms, `learning_rate`, `grad_norm`).
-    """
-    step_rng = jax.random.fold_in(rng, state.step)
-
-    def loss_fn(params):
-        outputs, new_model_state = model.apply(
-            {'params': params, **state.model_state},
-            batch['image'],
-            train=True,
-            rngs={'dropout': step_rng},
-            mutable=list(MUTABLE_COLLECTIONS),
-        )
-        labels, weights = losses.crop_to_output(
-            inference.main_logits(outputs), batch['label'], batch.get('weight')
-        )
-        loss, terms = losses.total_loss(
-            outputs, labels, loss_config, ignore_label=ignore_label, pixel_weights=weights
-        )
-        return loss, (terms, new_model_state)
-
-    grads, (terms, new_model_state) = jax.grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new_state = state.replace(
-        step=state.step + 1,
-        params=optax.apply_updates(state.params, updates),
-        model_state={**state.model_state, **new_model_state},
-        opt_state=opt_state,
-    )
-    summary = dict(terms, learning_rate=schedule(state.step), grad_norm=optax.global_norm(grads))
-    return new_state, summary
-
-
-def bind_train_step(
-    config: ml_collections.ConfigDict,
-    model: flax.linen.Module,
-    tx: optax.GradientTransformation,
-    schedule: optax.Schedule,
-) -> Callable[[TrainState, Mapping[str, jax.Array], jax.Array], tuple[TrainState, dict]]:
-    """`train_step` with the model, optimiser and the config's loss settings bound.
-
-    Returns:
-      `step(state, batch, rng) -> (state, summary)`, ready for `jax.jit`.
-    """
-    return functools.partial(
-        train_step,
-        model=model,
-        tx=tx,
-        schedule=schedule,
-        loss_config=config.loss,
-        ignore_label=config.dataset.ignore_label,
-    )
-
-
-def jit_train_step(
-    config: ml_collections.ConfigDict,
-    model: flax.linen.Module,
-    tx: optax.GradientTransformation,
-    schedule: optax.Schedule,
-    mesh: Mesh,
-) -> Callable[[TrainState, Mapping[str, jax.Array], jax.Array], tuple[TrainState, dict]]:
-    """The train step as the trainer runs it (and the benchmarks measure it).
-
-    Returns:
-      `bind_train_step(config, model, tx, schedule)` jitted over `mesh`: the batch sharded,
-      the state and key replicated, the input state donated.
-    """
-    replicated = sharding.replicated_sharding(mesh)
-    return jax.jit(
-        bind_train_step(config, model, tx, schedule),
-        in_shardings=(replicated, sharding.batch_sharding(mesh), replicated),
-        out_shardings=(replicated, replicated),
-        donate_argnums=(0,),
-    )
-
-
-def eval_step(
-    state: TrainState,
-    batch: Mapping[str, jax.Array],
-    *,
-    predict_fn: Callable[[Any, jax.Array], jax.Array],
-    num_classes: int,
-    ignore_label: int,
-) -> jax.Array:
-    """Confusion matrix of one padded global eval batch (summed over all devices).
-
-    Args:
-      state: the train state to evaluate.
-      batch: `image` [B, H, W, C], `label` [B, H, W] and optionally `mask` [B, H, W].
-      predict_fn: `inference.make_predict_fn(...)`: `(variables, images) -> probabilities`
-        at the images' full size (whole-image or sliding-window, with test-time views).
-      num_classes: number of classes.
-      ignore_label: label value that is not scored.
-
-    Returns:
-      int confusion matrix [num_classes, num_classes] (rows ground truth).
-    """
-    preds = jnp.argmax(predict_fn(state.variables(), batch['image']), axis=-1)
-    return metrics.confusion_matrix(
-        batch['label'], preds, num_classes, ignore_label, batch.get('mask')
-    )
+# The model's parameter table (name, shape, size, mean, std of every array), in the workdir.
+MODEL_SUMMARY_FILE = 'model_summary.txt'
 
 
 def prepare_dataset(config: ml_collections.ConfigDict) -> None:
@@ -253,9 +69,10 @@ def prepare_dataset(config: ml_collections.ConfigDict) -> None:
 def _check_batch_sizes(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     for name in ('batch_size', 'eval_batch_size'):
         if config[name] % mesh.size or config[name] % jax.process_count():
-            raise ValueError(
+            raise errors.UserError(
                 f'config.{name}={config[name]} must be divisible by the number of devices '
-                f'({mesh.size}) and processes ({jax.process_count()}).'
+                f'({mesh.size}) and processes ({jax.process_count()}).',
+                hint=f'set --config.{name} to a multiple of {mesh.size}',
             )
 
 
@@ -280,10 +97,12 @@ class Trainer:
         prepare_dataset(config)
         self.info = input_pipeline.get_dataset_info(config)
         if config.model.num_classes != self.info.num_classes:
-            raise ValueError(
+            raise errors.UserError(
                 f'config.model.num_classes={config.model.num_classes} but dataset '
-                f'{config.dataset.name} has {self.info.num_classes} classes.'
+                f'{config.dataset.name} has {self.info.num_classes} classes.',
+                hint=f'set --config.model.num_classes={self.info.num_classes}',
             )
+        console.log_dataset(self.info, config)
         self.model = models.build_model(config.model)
         self.replicated = sharding.replicated_sharding(self.mesh)
         self.batch_sharding = sharding.batch_sharding(self.mesh)
@@ -292,21 +111,31 @@ class Trainer:
             lambda: tuple(jax.random.split(jax.random.key(config.seed))),
             out_shardings=self.replicated,
         )()
-        self.state, tx, schedule = create_train_state(config, self.model, self.mesh, init_rng)
-        self.train_step = jit_train_step(config, self.model, tx, schedule, self.mesh)
-        self.eval_step = jax.jit(
-            functools.partial(
-                eval_step,
-                # Sharded inference: each group of windows is split over the mesh's devices.
-                predict_fn=inference.make_predict_fn(self.model, config, self.mesh),
-                num_classes=config.model.num_classes,
-                ignore_label=config.dataset.ignore_label,
-            ),
-            in_shardings=(self.replicated, self.batch_sharding),
-            out_shardings=self.replicated,
+        logging.info('initialising the model ...')
+        self.state, tx, schedule = train_steps.create_train_state(
+            config, self.model, self.mesh, init_rng
         )
+        self.train_step = console.FirstCallLogger(
+            train_steps.jit_train_step(config, self.model, tx, schedule, self.mesh),
+            'the train step',
+        )
+        self.eval_step = console.FirstCallLogger(
+            jax.jit(
+                functools.partial(
+                    train_steps.eval_step,
+                    # Sharded inference: each group of windows is split over the mesh's devices.
+                    predict_fn=inference.make_predict_fn(self.model, config, self.mesh),
+                    num_classes=config.model.num_classes,
+                    ignore_label=config.dataset.ignore_label,
+                ),
+                in_shardings=(self.replicated, self.batch_sharding),
+                out_shardings=self.replicated,
+            ),
+            'the eval step',
+        )
+        self.pictures = eval_pictures.EvalPictures(self)
 
-    def abstract_state(self) -> TrainState:
+    def abstract_state(self) -> train_steps.TrainState:
         """Shapes, dtypes and shardings of the state (the restore target)."""
         return jax.tree_util.tree_map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state
@@ -335,16 +164,23 @@ class Trainer:
             yield sharding.global_batch(batch, self.batch_sharding)
 
     def evaluate(self, split: str | None = None) -> dict[str, Any]:
-        """Scores of the current state on a whole split (every example exactly once)."""
-        confusion = np.zeros((self.config.model.num_classes,) * 2, np.int64)
+        """Scores of the current state on a whole split (every example exactly once).
+
+        Returns:
+          `metrics.scores_from_counts` of the split (the FCN set, Dice, Boundary IoU and the
+          trimap metrics) plus `confusion_matrix` (nested lists, rows ground truth).
+        """
+        totals = metrics.zero_counts(self.config.model.num_classes)
         iterable = input_pipeline.create_eval_iterable(
             self.config, split, process_index=jax.process_index(), process_count=jax.process_count()
         )
-        for batch in iterable:
+        for batch in console.progress(iterable, len(iterable), f'eval {iterable.split}'):
             batch = sharding.global_batch(batch, self.batch_sharding)
-            confusion += sharding.to_host(self.eval_step(self.state, batch))
-        result = metrics.scores(confusion)
-        result['confusion_matrix'] = confusion.tolist()
+            counts = self.eval_step(self.state, batch)
+            for key, value in counts.items():
+                totals[key] += sharding.to_host(value)  # int64 on the host: no overflow.
+        result = metrics.scores_from_counts(totals)
+        result['confusion_matrix'] = totals['confusion'].tolist()
         return result
 
     def write_report(
@@ -378,13 +214,16 @@ class _MetricsReporter:
       train_loss: the mean loss of the last interval written, None before the first.
     """
 
-    def __init__(self, workdir: epath.Path, batch_size: int, step: int):
+    def __init__(
+        self, workdir: epath.Path, batch_size: int, step: int, *, total_steps: int | None = None
+    ):
         self.writer = metric_writers.create_default_writer(
             workdir, just_logging=jax.process_index() != 0
         )
         self.train_loss: float | None = None
-        self._json_log = workdir_files.MetricsLog(workdir)
+        self._json_log = workdir_files.MetricsLog(workdir, start_step=step)
         self._batch_size = batch_size
+        self._total_steps = total_steps  # For the ETA of the progress lines.
         self._pending: tuple[int, Mapping[str, jax.Array]] | None = None
         self._interval: list[dict[str, float]] = []
         self._last_step, self._last_time = step, time.time()
@@ -416,6 +255,9 @@ class _MetricsReporter:
         now = time.time()
         examples = (step - self._last_step) * self._batch_size
         means['train/examples_per_sec'] = examples / (now - self._last_time)
+        if self._total_steps is not None and jax.process_index() == 0:
+            steps_per_sec = (step - self._last_step) / (now - self._last_time)
+            console.log_train(step, self._total_steps, means, steps_per_sec)
         self._last_step, self._last_time = step, now
         self._write(step, means)
         self.train_loss = means['train/loss']
@@ -430,15 +272,99 @@ class _MetricsReporter:
         self._json_log.write(step, scalars)
 
 
+def _report_eval(
+    trainer: Trainer,
+    reporter: _MetricsReporter,
+    step: int,
+    result: Mapping[str, Any],
+    *,
+    final: bool,
+) -> None:
+    """Writes an evaluation's scalars and pictures (TensorBoard) and logs its scores."""
+    reporter.write_eval(step, result)
+    trainer.pictures.write(reporter.writer, step, result)
+    console.log_scores(
+        result,
+        trainer.info.class_names,
+        step=step,
+        split=trainer.config.dataset.eval_split,
+        per_class=final,
+    )
+
+
+def resolve_config(config: ml_collections.ConfigDict) -> None:
+    """Fills in what a config leaves to the data and normalises what the command line gives.
+
+    * `init_from` given as `None` or empty on the command line (the string 'None' or '')
+      means from scratch: it becomes None. One that does not exist is a MissingInputError
+      that says how to make it.
+    * An unset `model.num_classes` (None) becomes the dataset's class count, from its
+      metadata (classes.txt of a `folder` dataset, the builder's class names); the dataset
+      is prepared first. A count that is set is kept; `Trainer` refuses it when it
+      differs from the dataset's.
+    """
+    if config.init_from in ('None', 'none', ''):
+        config.init_from = None
+    if config.init_from and not epath.Path(config.init_from).exists():
+        # Now, not after the model is built: the hint says how to make the file.
+        from fcn_unet_jax.weights.init_from import missing_weights_error
+
+        raise missing_weights_error(config.init_from, config.model.name)
+    if config.model.num_classes is not None:
+        return
+    prepare_dataset(config)
+    info = input_pipeline.get_dataset_info(config)
+    config.model.num_classes = info.num_classes
+    logging.info('config.model.num_classes=%d (dataset %s)', info.num_classes, config.dataset.name)
+
+
 def _resume(trainer: Trainer, manager: checkpointing.CheckpointManager, workdir: epath.Path) -> int:
     """Restores the workdir's newest checkpoint, if any; returns the step to start from."""
     step = trainer.restore(manager)
     if step is not None:
         logging.info('Resumed from the checkpoint at step %d in %s.', step, workdir)
-    parameter_overview.log_parameter_overview(
-        jax.tree_util.tree_map(sharding.to_host, trainer.state.params), jax_logging_process=0
-    )
+    if jax.process_index() == 0:
+        params = jax.tree_util.tree_map(sharding.to_host, trainer.state.params)
+        summary = workdir / MODEL_SUMMARY_FILE
+        summary.write_text(parameter_overview.get_parameter_overview(params) + '\n')
+        logging.info(
+            'model %s: %s parameters (table in %s)',
+            trainer.config.model.name,
+            f'{parameter_overview.count_parameters(params):,}',
+            summary,
+        )
     return int(sharding.to_host(trainer.state.step))
+
+
+def _check_workdir_for_training(
+    config: ml_collections.ConfigDict, workdir: epath.Path, restart_from_scratch: bool
+) -> list[workdir_files.ConfigChange]:
+    """Refuses a config that does not fit the run in `workdir` (unless it restarts).
+
+    Returns:
+      The safe changes against the workdir's config.json (recorded once the run resumes);
+      none when `restart_from_scratch`.
+
+    Raises:
+      UserError: a run-defining field differs and `restart_from_scratch` is False.
+    """
+    if restart_from_scratch:
+        return []
+    changes = workdir_files.config_changes(workdir, config)
+    defining = [c for c in changes if workdir_files.is_run_defining(c)]
+    if defining:
+        raise workdir_files.config_mismatch_error(
+            workdir,
+            defining,
+            hint=(
+                'use another --workdir, or add --restart_from_scratch to move that run to '
+                f'{workdir_files.next_previous_run_dir(workdir)} and start afresh (nothing '
+                'is deleted)'
+            ),
+        )
+    for change in changes:
+        logging.info('Config change on resume (recorded in config_history.jsonl): %s', change)
+    return changes
 
 
 def train_and_evaluate(
@@ -446,6 +372,7 @@ def train_and_evaluate(
     workdir: str,
     *,
     devices: Sequence[jax.Device] | None = None,
+    restart_from_scratch: bool = False,
 ) -> dict[str, Any]:
     """Trains `config` in `workdir` (resuming from its checkpoints) and evaluates it.
 
@@ -453,6 +380,8 @@ def train_and_evaluate(
       config: the full config (see configs/default.py).
       workdir: directory for checkpoints, logs, the resolved config and eval results.
       devices: devices of the data-parallel mesh; default all devices of all processes.
+      restart_from_scratch: move a run already in `workdir` to
+        `workdir/previous_runs/<n>/` (nothing is deleted) and start at step 0.
 
     Returns:
       Summaries: `step`, `train_loss` (mean over the last logging interval), `eval` (the
@@ -464,22 +393,37 @@ def train_and_evaluate(
       adds to its record, otherwise `start_step` is where this call resumed).
 
     Raises:
+      UserError: `config` differs from the workdir's run in a run-defining field (see
+        `workdir.RUN_DEFINING_FIELDS`), or its checkpoints do not fit the model; nothing in
+        the workdir is changed.
       FloatingPointError: on a NaN/Inf loss, naming the step.
     """
     began = time.time()
     workdir = epath.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    resolve_config(config)
+    console.log_config(config, str(workdir))
+    changes = _check_workdir_for_training(config, workdir, restart_from_scratch)
     trainer = Trainer(config, devices)
-    workdir_files.write_config(workdir, config)
-    manager = checkpointing.CheckpointManager(workdir, keep=config.keep_checkpoints)
-    start_step = _resume(trainer, manager, workdir)
+    if restart_from_scratch:
+        moved = workdir_files.move_run_aside(workdir)
+        if moved is not None:
+            logging.warning('--restart_from_scratch: moved the previous run to %s.', moved)
+    workdir.mkdir(parents=True, exist_ok=True)
+    manager = checkpointing.CheckpointManager(
+        workdir, keep=config.keep_checkpoints, run_fields=workdir_files.run_fields(config)
+    )
+    try:
+        start_step = _resume(trainer, manager, workdir)
+    except errors.UserError:
+        manager.close()
+        raise
+    workdir_files.record_config(workdir, config, changes, start_step)
     info = workdir_files.continue_run_info(
         workdir, workdir_files.run_info(config, trainer.mesh.devices.flat), start_step
     )
     workdir_files.write_run_info(workdir, info)  # Now: a run that crashes still records it.
-
     total_steps = config.num_train_steps
-    reporter = _MetricsReporter(workdir, config.batch_size, start_step)
+    reporter = _MetricsReporter(workdir, config.batch_size, start_step, total_steps=total_steps)
     hooks = []
     if jax.process_index() == 0:
         progress = periodic_actions.ReportProgress(
@@ -501,7 +445,7 @@ def train_and_evaluate(
             if step % config.log_every_steps == 0 or step == total_steps:
                 reporter.write_train(step)
             if step % config.eval_every_steps == 0 and step != total_steps:
-                reporter.write_eval(step, trainer.evaluate())
+                _report_eval(trainer, reporter, step, trainer.evaluate(), final=False)
             preempted = sigterm.any_process()
             if step % config.checkpoint_every_steps == 0 or step == total_steps or preempted:
                 reporter.check()  # Never checkpoint a state whose loss was not finite.
@@ -514,10 +458,8 @@ def train_and_evaluate(
         if not preempted:
             split = config.dataset.eval_split
             result = trainer.evaluate()
-            reporter.write_eval(step, result)
+            _report_eval(trainer, reporter, step, result, final=True)
             report = trainer.write_report(workdir, result, step, split)
-            scores = _scalar_summaries(result, '')
-            logging.info('Final evaluation on %s at step %d: %s', split, step, scores)
     manager.close()
     info.update(end_step=step, wall_seconds=info['wall_seconds'] + time.time() - began)
     workdir_files.write_run_info(workdir, info)
@@ -538,6 +480,8 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """Evaluates the latest checkpoint of `workdir` and writes `eval_results[_SPLIT].json`.
 
+    Only reads the checkpoints: a damaged step is reported and skipped, never moved.
+
     Args:
       config: the run's config.
       workdir: the run's workdir (must hold a checkpoint).
@@ -548,19 +492,48 @@ def evaluate_checkpoint(
       The evaluation report (also written to the workdir).
 
     Raises:
-      FileNotFoundError: when the workdir holds no usable checkpoint.
+      MissingInputError: when the workdir holds no checkpoint (a FileNotFoundError).
+      UserError: `config` differs from the run's config.json in a run-defining field, the
+        checkpoints do not fit the model, or none of them can be read.
     """
     workdir = epath.Path(workdir)
     split = split or config.dataset.eval_split
+    checkpoints = workdir / checkpointing.CHECKPOINT_SUBDIR
+    if not checkpoints.is_dir() or not any(p.name.isdigit() for p in checkpoints.iterdir()):
+        raise errors.MissingInputError(
+            f'No checkpoint in {checkpoints}: there is nothing to evaluate.',
+            hint=f'train first: fcn-unet train --config=... --workdir={workdir}',
+        )
+    resolve_config(config)
+    defining = [
+        c for c in workdir_files.config_changes(workdir, config) if workdir_files.is_run_defining(c)
+    ]
+    if defining:
+        raise workdir_files.config_mismatch_error(
+            workdir,
+            defining,
+            hint='evaluate with the config the run was trained with (its config.json), '
+            'without these overrides',
+        )
     trainer = Trainer(config, devices)
-    manager = checkpointing.CheckpointManager(workdir, keep=config.keep_checkpoints)
-    step = trainer.restore(manager)
-    manager.close()
+    manager = checkpointing.CheckpointManager(
+        workdir,
+        keep=config.keep_checkpoints,
+        run_fields=workdir_files.run_fields(config),
+        read_only=True,
+    )
+    try:
+        step = trainer.restore(manager)
+    finally:
+        manager.close()
     if step is None:
-        raise FileNotFoundError(f'No usable checkpoint in {workdir}.')
+        raise errors.UserError(
+            f'No checkpoint in {checkpoints} could be read (see the warnings above).',
+            hint='train again to write a new checkpoint; the damaged ones are left in place',
+        )
     start = time.time()
     result = trainer.evaluate(split)
     report = trainer.write_report(workdir, result, step, split)
-    scores = _scalar_summaries(result, '')
-    logging.info('Evaluated step %d on %s in %.1f s: %s', step, split, time.time() - start, scores)
+    logging.info('evaluated step %d in %s', step, console.duration(time.time() - start))
+    console.log_scores(result, trainer.info.class_names, step=step, split=split, per_class=True)
     return report

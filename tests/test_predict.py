@@ -5,16 +5,18 @@ flip TTA, unreadable files (reported and skipped), folder / file / glob inputs, 
 status, and one run of `python -m fcn_unet_jax.predict`.
 """
 
+import json
 import logging
 import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-from fcn_unet_jax import inference, predict
+from fcn_unet_jax import inference, metrics, predict
 from fcn_unet_jax import workdir as workdir_files
 
 NUM_CLASSES = 4  # shapes: background, circle, rectangle, triangle.
@@ -56,7 +58,8 @@ def _check_outputs(output_dir, name, size, palette):
         colour = np.asarray(f.convert('RGB'))
     np.testing.assert_array_equal(colour, palette[ids])
     with Image.open(os.path.join(output_dir, f'{name}_overlay.png')) as f:
-        assert f.size == size[::-1] and f.mode == 'RGB'
+        # The image's size, plus the legend of the classes shown underneath.
+        assert f.size[0] == size[1] and f.size[1] > size[0] and f.mode == 'RGB'
 
 
 def test_folder_with_odd_grayscale_and_corrupt_files(workdir, palette, tmp_path, caplog):
@@ -119,7 +122,7 @@ def test_run_config_is_restored_and_overridden(workdir):
 def test_nothing_readable_gives_a_nonzero_status(workdir, tmp_path):
     _corrupt(tmp_path / 'broken.png')
     assert predict.run(workdir, str(tmp_path / '*.png'), str(tmp_path / 'out')) == 1
-    assert not os.listdir(tmp_path / 'out')
+    assert not (tmp_path / 'out').exists()  # No empty output folder left behind.
     with pytest.raises(FileNotFoundError, match='No input images'):
         predict.find_inputs(str(tmp_path / 'missing' / '*.png'))
 
@@ -156,3 +159,41 @@ def test_inputs_sharing_a_stem_get_distinct_output_names():
     assert names['x/a.JPG'] == 'a_jpg'
     assert {names['x/a.png'], names['y/a.png']} == {'a_png_1', 'a_png_2'}
     assert len(set(names.values())) == len(paths)
+
+
+def test_labels_folder_scores_predictions_with_the_full_metric_set(workdir, tmp_path):
+    inputs, labels, output = tmp_path / 'in', tmp_path / 'labels', tmp_path / 'out'
+    inputs.mkdir()
+    labels.mkdir()
+    _save(inputs / 'a.jpg', (36, 44, 3))
+    _save(inputs / 'b.png', (36, 44, 3), seed=1)
+    _save(inputs / 'c.png', (20, 20, 3), seed=2)
+    _save(inputs / 'd.png', (20, 20, 3), seed=3)
+    truth = np.zeros((36, 44), np.uint8)
+    truth[8:24, 10:30] = 1
+    truth[0, :] = 255  # Ignored.
+    Image.fromarray(truth).save(labels / 'a.png')  # Matched by stem: a.jpg -> a.png.
+    Image.fromarray(np.zeros((36, 40), np.uint8)).save(labels / 'b.png')  # Wrong size.
+    _save(labels / 'c.png', (20, 20, 3))  # RGB colours, not class ids.
+    # d has no mask at all.
+    paths = predict.find_inputs(str(inputs))
+    result = predict.predict_paths(workdir, paths, str(output))
+    report = predict.score_with_labels(workdir, str(inputs), result, str(labels), str(output))
+
+    with open(output / predict.LABELS_FILE) as f:
+        assert json.load(f) == report
+    assert report['num_images'] == 1 and list(report['per_image']) == [str(inputs / 'a.jpg')]
+    assert set(report['unscored']) == {str(inputs / n) for n in ('b.png', 'c.png', 'd.png')}
+    with Image.open(output / 'a.png') as f:
+        prediction = np.asarray(f, np.int32)
+    count = jax.jit(metrics.segmentation_counts, static_argnums=(2, 3))
+    counts = count(truth.astype(np.int32), prediction, NUM_CLASSES, 255)
+    expected = metrics.scores_from_counts({k: np.asarray(v) for k, v in counts.items()})
+    for key in ('mean_iou', 'pixel_accuracy', 'boundary_iou', 'trimap_accuracy_2px'):
+        np.testing.assert_allclose(report[key], expected[key], err_msg=key)
+    assert np.sum(report['confusion_matrix']) == 35 * 44  # Row 0 ignored.
+    assert set(report['per_class_boundary_iou']) == set(report['class_names'])
+
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(ValueError, match='No prediction could be scored'):
+        predict.score_with_labels(workdir, str(inputs), result, str(tmp_path / 'empty'), '')

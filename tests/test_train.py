@@ -2,7 +2,8 @@
 
 Covered: 1 vs 4 devices, exact resume, NaN error, SIGTERM save and resume through
 `python -m fcn_unet_jax.main`, eval mode, sliding-window + flip eval, VALID U-Net eval on
-full labels, init_from, frozen variables, bfloat16.
+full labels, init_from, frozen variables, bfloat16; a resumed run's config history and
+metrics log, a checkpoint that does not fit (refused, kept) and restarting from scratch.
 """
 
 import os
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from fcn_unet_jax import checkpointing, models, optimizers, sharding, train
+from fcn_unet_jax import checkpointing, errors, models, optimizers, sharding, train, train_steps
 from fcn_unet_jax import workdir as workdir_files
 from fcn_unet_jax.data import input_pipeline
 
@@ -74,6 +75,46 @@ def test_resume_matches_uninterrupted_run(four_device_run, tiny_config, tmp_path
     assert resumed['step'] == 4
     assert train_losses(tmp_path) == pytest.approx(train_losses(workdir), rel=1e-6)
     assert_trees_close(saved_params(tmp_path), saved_params(workdir), rtol=1e-6, atol=1e-7)
+    # The safe change is recorded; the metrics log holds each step of each kind once.
+    (change,) = workdir_files.read_config_history(tmp_path)
+    assert change['step'] == 2 and change['changes'] == {'num_train_steps': [2, 4]}
+    train.train_and_evaluate(tiny_config(), str(tmp_path))  # Finished: evaluated again.
+    records = [(r['step'], 'eval/mean_iou' in r) for r in workdir_files.read_metrics_log(tmp_path)]
+    assert sorted(records) == [(1, False), (2, False), (2, True), (3, False), (4, False), (4, True)]
+
+
+def _files(directory) -> dict[str, int]:
+    """Every file and folder under `directory`, with file sizes (-1 for folders)."""
+    return {
+        str(p.relative_to(directory)): p.stat().st_size if p.is_file() else -1
+        for p in sorted(directory.rglob('*'))
+    }
+
+
+def test_a_checkpoint_that_does_not_fit_is_refused_and_kept(four_device_run, tiny_config, tmp_path):
+    workdir = shutil.copytree(four_device_run[0], tmp_path / 'run')
+    os.remove(workdir / workdir_files.CONFIG_FILE)  # Only the checkpoint can tell now.
+    before = _files(workdir)
+    with pytest.raises(checkpointing.CheckpointMismatchError) as error:
+        train.train_and_evaluate(tiny_config(**{'optimizer.name': 'adam'}), str(workdir))
+    assert "trained -> asked: optimizer.name 'sgd' -> 'adam'" in str(error.value)
+    assert _files(workdir) == before
+
+
+def test_restart_from_scratch_moves_the_run_aside(four_device_run, tiny_config, tmp_path):
+    workdir = shutil.copytree(four_device_run[0], tmp_path / 'run')
+    before = _files(workdir)
+    # Other data, the same shapes: the compiled steps of the session are reused.
+    config = tiny_config(num_train_steps=1, **{'dataset.train_split': 'train[:32]'})
+    with pytest.raises(errors.UserError, match=r"train_split 'train\[:64\]' -> 'train\[:32\]'"):
+        train.train_and_evaluate(config, str(workdir))
+    assert _files(workdir) == before
+    summaries = train.train_and_evaluate(config, str(workdir), restart_from_scratch=True)
+    assert summaries['step'] == 1
+    previous = workdir / workdir_files.PREVIOUS_RUNS_DIR / '1'
+    assert _files(previous) == before  # Every file of the old run, unchanged.
+    assert workdir_files.read_config(workdir).dataset.train_split == 'train[:32]'
+    assert [r['step'] for r in workdir_files.read_metrics_log(workdir)] == [1, 1]
 
 
 def test_eval_with_sliding_windows_and_flip(four_device_run, tiny_config, tmp_path):
@@ -118,7 +159,7 @@ def test_init_from_previous_workdir(four_device_run, tiny_config):
     config = tiny_config(init_from=str(workdir))
     mesh = sharding.create_mesh()
     model = models.build_model(config.model)
-    state, _, _ = train.create_train_state(config, model, mesh, jax.random.key(7))
+    state, _, _ = train_steps.create_train_state(config, model, mesh, jax.random.key(7))
     assert_trees_close(state.params, saved_params(workdir), rtol=0, atol=0)
     assert int(state.step) == 0
 
@@ -133,11 +174,11 @@ def _synthetic_batch(size=36, batch=2, classes=4, seed=0):
 
 def _run_steps(config, steps=2):
     model = models.build_model(config.model)
-    state, tx, schedule = train.create_train_state(
+    state, tx, schedule = train_steps.create_train_state(
         config, model, sharding.create_mesh(jax.devices()[:1]), jax.random.key(0)
     )
     initial = jax.tree_util.tree_map(np.asarray, state)
-    step = jax.jit(train.bind_train_step(config, model, tx, schedule))
+    step = jax.jit(train_steps.bind_train_step(config, model, tx, schedule))
     for _ in range(steps):
         state, summary = step(state, _synthetic_batch(), jax.random.key(1))
     return initial, state, summary

@@ -4,7 +4,8 @@ Sources: torchvision ImageNet `resnet50` / `resnet101` / `vgg16`, torchvision
 `fcn_resnet50` / `fcn_resnet101`, segmentation_models_pytorch `Unet` (resnet50 or vgg16
 encoder) as `.pth`/`.pt`/`.bin`/`.ckpt` (needs torch), `.npz` or `.safetensors`; Keras
 Applications `VGG16` / `ResNet50` as `.h5`/`.keras` (read with h5py, Keras not needed).
-Nothing here downloads anything: every file is given by the user.
+Nothing here downloads anything but `download` (its own command), which fetches the
+published originals, checks their hashes and converts them.
 
 Which encoder and head a model has comes from the model registry (`models.MODELS`).
 Conversion checks a whole file first and raises one `WeightImportError` listing every

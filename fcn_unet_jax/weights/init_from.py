@@ -16,6 +16,7 @@ from typing import Any
 
 import ml_collections
 
+from fcn_unet_jax import errors
 from fcn_unet_jax.weights.converted import load_pretrained
 from fcn_unet_jax.weights.merge import merge_variables
 from fcn_unet_jax.weights.rules import Variables
@@ -51,6 +52,8 @@ def initialize_from(
     from fcn_unet_jax import checkpointing
 
     path = os.fspath(path)
+    if not epath.Path(path).exists():
+        raise missing_weights_error(path, model_config.name)
     if (epath.Path(path) / checkpointing.CHECKPOINT_SUBDIR).exists():
         loaded = checkpointing.restore_variables(path)
         return merge_variables(variables, loaded, strict=False, origin=f'the run in {path}')
@@ -59,4 +62,34 @@ def initialize_from(
     )
     return merge_variables(
         variables, loaded, strict=True, origin=f'the pretrained checkpoint {path}'
+    )
+
+
+def missing_weights_error(path: str, model_name: str) -> errors.MissingInputError:
+    """The error for a `config.init_from` that does not exist: how to make it, or skip it.
+
+    The hint names the `download-weights` name when the path's last part is one
+    (`weights/unet_vgg16_imagenet`), and the `convert-weights` command that makes the
+    checkpoint from the original file.
+    """
+    from fcn_unet_jax.weights import download  # Only for this message.
+
+    name = os.path.basename(os.path.normpath(path))
+    original = download.ORIGINALS.get(name)
+    if original is not None:
+        folder = os.path.dirname(os.path.normpath(path)) or '.'
+        make = (
+            f'make it with `fcn-unet download-weights {name} --dir={folder}`, or from the '
+            f'file {original.url} with `fcn-unet convert-weights --input={original.file_name} '
+            f'--model={original.model} --output={path}`'
+        )
+    else:
+        make = (
+            f'make it from a torchvision / Keras / smp weights file with `fcn-unet '
+            f'convert-weights --input=FILE --model={model_name} --output={path}`'
+        )
+    return errors.MissingInputError(
+        f'config.init_from={path!r}: no such file or folder (the pretrained weights this '
+        'run starts from).',
+        hint=f'{make}; or train from scratch with --config.init_from=None',
     )

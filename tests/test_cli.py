@@ -1,0 +1,96 @@
+"""The `fcn-unet` command and `--config` resolution: names, paths from anywhere, help.
+
+One subprocess runs a real program from a directory outside the repository, without the
+repository on PYTHONPATH (as an installed copy runs); everything else is checked in-process.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from absl import flags
+
+from fcn_unet_jax import cli, config_files, console, errors
+
+
+def test_a_config_name_resolves_to_the_packaged_file():
+    path = config_files.CONFIGS_DIR / 'fcn_voc.py'
+    assert config_files.resolve('fcn_voc:8s') == f'{path}:8s'
+    assert config_files.resolve('fcn8s_voc') == f'{path}:8s'
+    assert config_files.resolve('folder_preset:unet_vgg16,320') == (
+        f'{config_files.CONFIGS_DIR / "folder_preset.py"}:unet_vgg16,320'
+    )
+    # A path stays a path (relative to the working directory or absolute).
+    assert config_files.resolve('configs/fcn_voc.py:8s') == 'configs/fcn_voc.py:8s'
+
+
+@pytest.mark.parametrize('alias', sorted(config_files.ALIASES))
+def test_every_alias_names_a_config(alias):
+    name = config_files.ALIASES[alias].partition(':')[0]
+    assert name in config_files.packaged_names()
+
+
+def test_an_unknown_name_lists_the_valid_ones():
+    with pytest.raises(errors.UserError) as raised:
+        config_files.resolve('fcn9s_voc')
+    assert "no config of the project named 'fcn9s_voc'" in raised.value.message
+    assert 'fcn8s_voc' in raised.value.hint and 'folder_preset' in raised.value.hint
+    assert '\n' not in errors.format_error(raised.value).split('\n', 1)[0]
+
+
+def test_the_config_flag_takes_names(tmp_path):
+    flag_values = flags.FlagValues()
+    argv = ['prog', '--config=shapes_unet', '--config.num_train_steps=7']
+    config_files.define_config_flag(flag_values=flag_values, sys_argv=argv)
+    flag_values(argv)
+    assert flag_values.config.model.name == 'unet'
+    assert flag_values.config.num_train_steps == 7
+
+
+def test_help_lists_flags_defined_by_shared_modules(monkeypatch):
+    from fcn_unet_jax import predict_volume
+    from fcn_unet_jax.data import build
+
+    monkeypatch.setattr(sys, 'argv', ['predict_volume.py'])
+    flag_values = flags.FlagValues()
+    predict_volume.define_flags(flag_values)
+    errors.define_traceback_flag(flag_values)
+    console.show_flags_in_help(flag_values)
+    shown = flag_values.main_module_help()
+    for name in ('workdir', 'window_size', 'window_overlap', 'flip', 'scales', 'traceback'):
+        assert f'--{name}' in shown or f'--[no]{name}' in shown, name
+    # The usage example keeps its line breaks (a raw docstring).
+    assert '\\\n        --config.dataset.name=' in build.__doc__
+
+
+def test_every_verb_has_its_program():
+    for verb, (module, _) in cli.VERBS.items():
+        assert cli.importlib.util.find_spec(module) is not None, verb
+
+
+def test_an_unknown_verb_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(['fcn-unet', 'trian'])
+    assert exit_info.value.code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: unknown verb 'trian'")
+
+
+def test_build_data_from_another_directory(tmp_path, shapes_small_data_dir, repo_root):
+    # As from an installed copy: outside the clone, the clone not on PYTHONPATH, a config
+    # given by absolute path (it imports its siblings as `configs.default`).
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+    command = [
+        sys.executable,
+        '-m',
+        'fcn_unet_jax.cli',
+        'build-data',
+        f'--config={repo_root}/configs/shapes_unet.py',
+        '--config.dataset.name=shapes/small',
+        f'--config.dataset.data_dir={shapes_small_data_dir}',
+    ]
+    process = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert process.returncode == 0, process.stderr
+    assert 'shapes/small train: 1000 examples' in process.stdout
+    assert 'oneDNN' not in process.stderr and 'absl::InitializeLog' not in process.stderr
