@@ -20,7 +20,6 @@ end; `docs/accelerators.md` holds its results.
 
 import collections
 import dataclasses
-import functools
 import json
 import os
 import pathlib
@@ -34,7 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
-from fcn_unet_jax import inference, models, optimizers, sharding, train_steps
+from fcn_unet_jax import models, optimizers, sharding, train_steps
 
 GIB = 2**30
 COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'collective-permute', 'all-to-all')
@@ -211,16 +210,7 @@ def abstract_train_state(
     abstract = jax.eval_shape(lambda r: train_steps.initial_variables(model, config, r), rng)
     tx, schedule = optimizers.create_optimizer(config, abstract['params'])
 
-    def init(variables):  # As `train_steps.create_train_state` builds the state.
-        params = variables.pop('params')
-        return train_steps.TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            model_state=variables,
-            opt_state=tx.init(params),
-        )
-
-    state = jax.eval_shape(init, abstract)
+    state = jax.eval_shape(lambda v: train_steps.TrainState.create(v, tx), abstract)
     return _with_sharding(state, sharding.replicated_sharding(mesh)), tx, schedule
 
 
@@ -272,21 +262,6 @@ def eval_batch(
     return _with_sharding(batch, sharding.batch_sharding(mesh))
 
 
-def jit_eval_step(config: ml_collections.ConfigDict, model: Any, mesh: Mesh):
-    """The eval step exactly as `train.Trainer` jits it: `(state, batch) -> confusion`."""
-    replicated = sharding.replicated_sharding(mesh)
-    return jax.jit(
-        functools.partial(
-            train_steps.eval_step,
-            predict_fn=inference.make_predict_fn(model, config, mesh),
-            num_classes=config.model.num_classes,
-            ignore_label=config.dataset.ignore_label,
-        ),
-        in_shardings=(replicated, sharding.batch_sharding(mesh)),
-        out_shardings=replicated,
-    )
-
-
 def check_batch_sizes(config: ml_collections.ConfigDict, devices: int) -> None:
     """Raises ValueError, naming the fix, unless both batch sizes divide over the devices."""
     for name in ('batch_size', 'eval_batch_size'):
@@ -328,7 +303,7 @@ def trace_steps(
         jax.eval_shape(lambda: jax.random.key(0)), sharding.replicated_sharding(mesh)
     )
     train_step = train_steps.jit_train_step(config, model, tx, schedule, mesh)
-    eval_step = jit_eval_step(config, model, mesh)
+    eval_step = train_steps.jit_eval_step(config, model, mesh)
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
         return {
             'train': train_step.trace(state, train_batch(config, mesh), rng),
@@ -598,7 +573,6 @@ __all__ = [
     'eval_size',
     'fit_advice',
     'get_target',
-    'jit_eval_step',
     'read_results',
     'result_record',
     'results_table',

@@ -48,6 +48,18 @@ class TrainState:
         """The model's variables, ready for `model.apply`."""
         return {'params': self.params, **self.model_state}
 
+    @classmethod
+    def create(cls, variables: dict, tx: optax.GradientTransformation) -> 'TrainState':
+        """The state at step 0 of the model's `variables` (its `init` output)."""
+        variables = dict(variables)
+        params = variables.pop('params')
+        return cls(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            model_state=variables,
+            opt_state=tx.init(params),
+        )
+
 
 def initial_variables(
     model: flax.linen.Module, config: ml_collections.ConfigDict, rng: jax.Array
@@ -63,6 +75,8 @@ def create_train_state(
     model: flax.linen.Module,
     mesh: Mesh,
     rng: jax.Array,
+    *,
+    pretrained: bool = True,
 ) -> tuple[TrainState, optax.GradientTransformation, optax.Schedule]:
     """Initialises the replicated train state (and `config.init_from`, when set).
 
@@ -71,6 +85,8 @@ def create_train_state(
       model: the model from `models.build_model(config.model)`.
       mesh: the data-parallel mesh.
       rng: key for parameter initialisation.
+      pretrained: load `config.init_from`; False where a checkpoint replaces the state
+        anyway (a resumed run, an evaluation), so its file need not exist any more.
 
     Returns:
       (state, optimiser, learning-rate schedule).
@@ -79,25 +95,16 @@ def create_train_state(
     abstract = jax.eval_shape(lambda r: initial_variables(model, config, r), rng)
     tx, schedule = optimizers.create_optimizer(config, abstract['params'])
 
-    def init(variables):
-        params = variables.pop('params')
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            model_state=variables,
-            opt_state=tx.init(params),
-        )
-
     variables = jax.jit(lambda r: initial_variables(model, config, r), out_shardings=replicated)(
         rng
     )
-    if config.init_from:
+    if pretrained and config.init_from:
         from fcn_unet_jax import weights  # The weights importer; only needed here.
 
         host = jax.tree_util.tree_map(sharding.to_host, variables)
         merged = weights.initialize_from(config.init_from, host, config.model)
         variables = sharding.replicate(merged, replicated)
-    state = jax.jit(init, out_shardings=replicated)(variables)
+    state = jax.jit(lambda v: TrainState.create(v, tx), out_shardings=replicated)(variables)
     return state, tx, schedule
 
 
@@ -189,11 +196,18 @@ def jit_train_step(
 
     Returns:
       `bind_train_step(config, model, tx, schedule)` jitted over `mesh`: the batch sharded,
-      the state and key replicated, the input state donated.
+      the state and key replicated, the input state donated. It is traced under the mesh,
+      which per-device BatchNorm statistics read (`ops.batch_norm.statistics_groups`).
     """
     replicated = sharding.replicated_sharding(mesh)
+    bound = bind_train_step(config, model, tx, schedule)
+
+    def step(state, batch, rng):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return bound(state, batch, rng)
+
     return jax.jit(
-        bind_train_step(config, model, tx, schedule),
+        step,
         in_shardings=(replicated, sharding.batch_sharding(mesh), replicated),
         out_shardings=(replicated, replicated),
         donate_argnums=(0,),
@@ -236,4 +250,27 @@ def eval_step(
         batch.get('mask'),
         dilation_ratio=dilation_ratio,
         trimap_widths=trimap_widths,
+    )
+
+
+def jit_eval_step(
+    config: ml_collections.ConfigDict, model: flax.linen.Module, mesh: Mesh
+) -> Callable[[TrainState, Mapping[str, jax.Array]], dict[str, jax.Array]]:
+    """The eval step as the trainer runs it (and the compile checks build it).
+
+    Returns:
+      `eval_step` jitted over `mesh` with the config's inference (whole-image or
+      sliding-window, each group of windows split over the mesh's devices): `(state, batch)
+      -> metric counts`, the batch sharded and the state replicated.
+    """
+    replicated = sharding.replicated_sharding(mesh)
+    return jax.jit(
+        functools.partial(
+            eval_step,
+            predict_fn=inference.make_predict_fn(model, config, mesh),
+            num_classes=config.model.num_classes,
+            ignore_label=config.dataset.ignore_label,
+        ),
+        in_shardings=(replicated, sharding.batch_sharding(mesh)),
+        out_shardings=replicated,
     )
