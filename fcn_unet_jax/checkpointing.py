@@ -29,6 +29,8 @@ import os
 import re
 import shutil
 import signal
+import sys
+import traceback
 from collections.abc import Mapping
 from typing import Any
 
@@ -53,6 +55,12 @@ _MAX_LISTED = 3
 _MAX_CAUSE = 200
 # orbax's warning on opening any read-only manager (see `_reader`).
 _READ_ONLY_NOTICE = 'Given directory is read only=%s'
+
+
+def has_checkpoints(workdir: str | os.PathLike) -> bool:
+    """Whether `workdir` holds a checkpoint folder (readable or not)."""
+    checkpoints = epath.Path(workdir) / CHECKPOINT_SUBDIR
+    return checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
 
 
 class CheckpointMismatchError(errors.UserError):
@@ -141,13 +149,54 @@ def mismatch_error(
 
 
 def one_line_cause(error: BaseException) -> str:
-    """`Type: first line of the message`, without TensorStore's spec dump, shortened."""
+    """`Type: first line` of the innermost cause (the why), without TensorStore's spec dump.
+
+    orbax wraps a read failure ("Encountered error while reading array index ...") around
+    TensorStore's own, which names the array and the reason (`OUT_OF_RANGE: Error reading
+    "params.conv1.kernel/0.0.0.0" ...: Requested byte range ... is not valid`).
+    """
+    while error.__cause__ is not None:
+        error = error.__cause__
     text = str(error).strip().splitlines()[0] if str(error).strip() else ''
-    text = re.sub(r'\s*\[tensorstore_spec=.*', '', text)
+    text = re.sub(r'\s*(\[tensorstore_spec=|See full TensorStore details).*', '', text)
     if len(text) > _MAX_CAUSE:
-        # Nested TensorStore errors: the outermost says what, the innermost why.
         text = f'{text[: _MAX_CAUSE // 3]} ... {text[-(_MAX_CAUSE - _MAX_CAUSE // 3 - 5) :]}'
     return f'{type(error).__name__}: {text}' if text else type(error).__name__
+
+
+def _is_abandoned_read(unraisable) -> bool:
+    """Whether an unraisable exception is a read of a failed restore, reported late.
+
+    When one read of a restore fails, orbax closes its event loop while the other reads of
+    the step are still in flight: each then reports the same failure ("Exception ignored
+    in <coroutine ...>", orbax's coroutine) or finds the loop closed (`RuntimeError: Event
+    loop is closed` in `call_soon_threadsafe`). Hundreds of tracebacks about one damaged
+    step, which the one warning line already names.
+    """
+    code = getattr(unraisable.object, 'cr_code', None)
+    if code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename:
+        return True
+    frames = traceback.extract_tb(unraisable.exc_traceback)
+    return (
+        unraisable.exc_type is RuntimeError
+        and str(unraisable.exc_value) == 'Event loop is closed'
+        and bool(frames)
+        and frames[0].name == 'call_soon_threadsafe'
+    )
+
+
+def _quiet_abandoned_reads() -> None:
+    """Installs (once) an unraisable hook that drops `_is_abandoned_read` reports."""
+    if getattr(sys.unraisablehook, 'drops_abandoned_reads', False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not _is_abandoned_read(unraisable):
+            previous(unraisable)
+
+    hook.drops_abandoned_reads = True
+    sys.unraisablehook = hook
 
 
 class _DropNotice(std_logging.Filter):
@@ -296,6 +345,7 @@ class CheckpointManager:
         return None, None
 
     def _report_damaged(self, step: int, error: BaseException) -> None:
+        _quiet_abandoned_reads()  # Before the step's reads still in flight report.
         path = self.directory / str(step)
         if self.read_only:
             action = 'left in place; trying the previous checkpoint'

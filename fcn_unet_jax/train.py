@@ -25,7 +25,6 @@ directory's files in `workdir.py` (only process 0 writes them) and the checkpoin
 `checkpointing.py` (every process takes part, as orbax requires).
 """
 
-import functools
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -44,7 +43,6 @@ from fcn_unet_jax import (
     console,
     errors,
     eval_pictures,
-    inference,
     metrics,
     models,
     sharding,
@@ -90,8 +88,15 @@ class Trainer:
       eval_step: jitted `eval_step`: `(state, batch) -> confusion matrix`.
     """
 
-    def __init__(self, config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None):
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        devices: Sequence[jax.Device] | None,
+        *,
+        pretrained: bool = True,
+    ):
         self.config = config
+        self.pretrained = pretrained
         self.mesh = sharding.create_mesh(devices)
         _check_batch_sizes(config, self.mesh)  # Before the dataset is prepared: fail fast.
         prepare_dataset(config)
@@ -107,33 +112,31 @@ class Trainer:
         self.replicated = sharding.replicated_sharding(self.mesh)
         self.batch_sharding = sharding.batch_sharding(self.mesh)
         # Made inside jit so the keys are global arrays, also across processes.
-        init_rng, self.dropout_rng = jax.jit(
+        self._init_rng, self.dropout_rng = jax.jit(
             lambda: tuple(jax.random.split(jax.random.key(config.seed))),
             out_shardings=self.replicated,
         )()
         logging.info('initialising the model ...')
         self.state, tx, schedule = train_steps.create_train_state(
-            config, self.model, self.mesh, init_rng
+            config, self.model, self.mesh, self._init_rng, pretrained=pretrained
         )
         self.train_step = console.FirstCallLogger(
             train_steps.jit_train_step(config, self.model, tx, schedule, self.mesh),
             'the train step',
         )
         self.eval_step = console.FirstCallLogger(
-            jax.jit(
-                functools.partial(
-                    train_steps.eval_step,
-                    # Sharded inference: each group of windows is split over the mesh's devices.
-                    predict_fn=inference.make_predict_fn(self.model, config, self.mesh),
-                    num_classes=config.model.num_classes,
-                    ignore_label=config.dataset.ignore_label,
-                ),
-                in_shardings=(self.replicated, self.batch_sharding),
-                out_shardings=self.replicated,
-            ),
+            train_steps.jit_eval_step(config, self.model, self.mesh),
             'the eval step',
         )
         self.pictures = eval_pictures.EvalPictures(self)
+
+    def load_pretrained(self) -> None:
+        """Re-initialises `state` with `config.init_from` (built without it)."""
+        check_init_from(self.config)
+        self.state, _, _ = train_steps.create_train_state(
+            self.config, self.model, self.mesh, self._init_rng
+        )
+        self.pretrained = True
 
     def abstract_state(self) -> train_steps.TrainState:
         """Shapes, dtypes and shardings of the state (the restore target)."""
@@ -296,8 +299,7 @@ def resolve_config(config: ml_collections.ConfigDict) -> None:
     """Fills in what a config leaves to the data and normalises what the command line gives.
 
     * `init_from` given as `None` or empty on the command line (the string 'None' or '')
-      means from scratch: it becomes None. One that does not exist is a MissingInputError
-      that says how to make it.
+      means from scratch: it becomes None.
     * An unset `model.num_classes` (None) becomes the dataset's class count, from its
       metadata (classes.txt of a `folder` dataset, the builder's class names); the dataset
       is prepared first. A count that is set is kept; `Trainer` refuses it when it
@@ -305,11 +307,6 @@ def resolve_config(config: ml_collections.ConfigDict) -> None:
     """
     if config.init_from in ('None', 'none', ''):
         config.init_from = None
-    if config.init_from and not epath.Path(config.init_from).exists():
-        # Now, not after the model is built: the hint says how to make the file.
-        from fcn_unet_jax.weights.init_from import missing_weights_error
-
-        raise missing_weights_error(config.init_from, config.model.name)
     if config.model.num_classes is not None:
         return
     prepare_dataset(config)
@@ -318,11 +315,25 @@ def resolve_config(config: ml_collections.ConfigDict) -> None:
     logging.info('config.model.num_classes=%d (dataset %s)', info.num_classes, config.dataset.name)
 
 
+def check_init_from(config: ml_collections.ConfigDict) -> None:
+    """Raises a MissingInputError, saying how to make it, when `init_from` does not exist."""
+    if config.init_from and not epath.Path(config.init_from).exists():
+        from fcn_unet_jax.weights.init_from import missing_weights_error
+
+        raise missing_weights_error(config.init_from, config.model.name)
+
+
 def _resume(trainer: Trainer, manager: checkpointing.CheckpointManager, workdir: epath.Path) -> int:
-    """Restores the workdir's newest checkpoint, if any; returns the step to start from."""
+    """Restores the workdir's newest checkpoint, if any; returns the step to start from.
+
+    A trainer built without its pretrained weights (a checkpoint was expected) loads them
+    when no checkpoint can be read, so a fresh start always starts from `init_from`.
+    """
     step = trainer.restore(manager)
     if step is not None:
         logging.info('Resumed from the checkpoint at step %d in %s.', step, workdir)
+    elif not trainer.pretrained and trainer.config.init_from:
+        trainer.load_pretrained()
     if jax.process_index() == 0:
         params = jax.tree_util.tree_map(sharding.to_host, trainer.state.params)
         summary = workdir / MODEL_SUMMARY_FILE
@@ -403,7 +414,12 @@ def train_and_evaluate(
     resolve_config(config)
     console.log_config(config, str(workdir))
     changes = _check_workdir_for_training(config, workdir, restart_from_scratch)
-    trainer = Trainer(config, devices)
+    # A resumed run's state comes from its checkpoint: its pretrained file is not read (it
+    # may have moved since); a fresh one checks it now, before the dataset is built.
+    resuming = not restart_from_scratch and checkpointing.has_checkpoints(workdir)
+    if not resuming:
+        check_init_from(config)
+    trainer = Trainer(config, devices, pretrained=not resuming)
     if restart_from_scratch:
         moved = workdir_files.move_run_aside(workdir)
         if moved is not None:
@@ -499,7 +515,7 @@ def evaluate_checkpoint(
     workdir = epath.Path(workdir)
     split = split or config.dataset.eval_split
     checkpoints = workdir / checkpointing.CHECKPOINT_SUBDIR
-    if not checkpoints.is_dir() or not any(p.name.isdigit() for p in checkpoints.iterdir()):
+    if not checkpointing.has_checkpoints(workdir):
         raise errors.MissingInputError(
             f'No checkpoint in {checkpoints}: there is nothing to evaluate.',
             hint=f'train first: fcn-unet train --config=... --workdir={workdir}',
@@ -515,7 +531,8 @@ def evaluate_checkpoint(
             hint='evaluate with the config the run was trained with (its config.json), '
             'without these overrides',
         )
-    trainer = Trainer(config, devices)
+    trainer = Trainer(config, devices, pretrained=False)  # The checkpoint replaces it.
+    input_pipeline.num_split_examples(config, split, '--split')  # Before any restore.
     manager = checkpointing.CheckpointManager(
         workdir,
         keep=config.keep_checkpoints,

@@ -93,12 +93,18 @@ def test_a_missing_pretrained_file_says_how_to_make_it(tiny_config, tmp_path):
     config = tiny_config(**{'model.name': 'unet_vgg16'})
     config.init_from = str(tmp_path / 'weights' / 'unet_vgg16_imagenet')
     with pytest.raises(errors.MissingInputError) as raised:
-        train.resolve_config(config)
+        train.check_init_from(config)
     assert config.init_from in raised.value.message
     hint = raised.value.hint
     assert f'fcn-unet download-weights unet_vgg16_imagenet --dir={tmp_path}/weights' in hint
     assert '--input=vgg16-397923af.pth --model=unet_vgg16 --output=' in hint
     assert '--config.init_from=None' in hint
+    config.init_from = 'workdirs/fcn_voc_16s'  # An FCN stage starts from the one before.
+    with pytest.raises(errors.MissingInputError) as raised:
+        train.check_init_from(config)
+    assert 'fcn-unet train --config=fcn_voc:16s --workdir=workdirs/fcn_voc_16s' in (
+        raised.value.hint
+    )
 
 
 def test_num_classes_comes_from_the_dataset(tiny_config):

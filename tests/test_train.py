@@ -164,6 +164,27 @@ def test_init_from_previous_workdir(four_device_run, tiny_config):
     assert int(state.step) == 0
 
 
+def test_a_run_whose_pretrained_source_is_gone_still_evaluates_and_resumes(
+    four_device_run, tiny_config, tmp_path
+):
+    # A checkpoint replaces the pretrained start, so a moved or deleted `init_from` (a
+    # previous FCN stage, converted weights) matters only for a fresh start.
+    source = tmp_path / 'source'
+    shutil.copytree(four_device_run[0], source)
+    workdir = str(tmp_path / 'run')
+    train.train_and_evaluate(tiny_config(init_from=str(source)), workdir)
+    shutil.rmtree(source)
+    assert train.evaluate_checkpoint(tiny_config(init_from=str(source)), workdir)['step'] == 4
+    resumed = train.train_and_evaluate(
+        tiny_config(init_from=str(source), num_train_steps=5), workdir
+    )
+    assert resumed['step'] == 5
+    fresh = tmp_path / 'fresh'
+    with pytest.raises(errors.MissingInputError, match='source'):
+        train.train_and_evaluate(tiny_config(init_from=str(source)), str(fresh))
+    assert not fresh.exists()
+
+
 def _synthetic_batch(size=36, batch=2, classes=4, seed=0):
     rng = np.random.default_rng(seed)
     images = rng.normal(size=(batch, size, size, 3)).astype(np.float32)
@@ -182,6 +203,29 @@ def _run_steps(config, steps=2):
     for _ in range(steps):
         state, summary = step(state, _synthetic_batch(), jax.random.key(1))
     return initial, state, summary
+
+
+def test_per_device_batch_norm_statistics_train_through_the_trainers_step(tiny_config):
+    # The trainer's jitted step traces under its mesh, which per-device statistics need;
+    # on 2 devices each normalises its own half of the batch, so the running statistics
+    # differ from those of the global batch (one device's equality: tests/ops).
+    def one_step(stats):
+        config = tiny_config(**{'model.batch_norm_stats': stats, 'input.crop_size': (36, 36)})
+        mesh = sharding.create_mesh(jax.devices()[:2])
+        model = models.build_model(config.model)
+        state, tx, schedule = train_steps.create_train_state(config, model, mesh, jax.random.key(0))
+        step = train_steps.jit_train_step(config, model, tx, schedule, mesh)
+        batch = sharding.global_batch(
+            {k: np.asarray(v) for k, v in _synthetic_batch(seed=3).items()},
+            sharding.batch_sharding(mesh),
+        )
+        rng = jax.device_put(jax.random.key(1), sharding.replicated_sharding(mesh))
+        state, summary = step(state, batch, rng)
+        assert np.isfinite(summary['loss'])
+        return jax.tree.leaves(jax.tree_util.tree_map(np.asarray, state.model_state))
+
+    per_device, global_ = one_step('per_device'), one_step('global')
+    assert not all(np.allclose(a, b) for a, b in zip(per_device, global_, strict=True))
 
 
 def test_frozen_collection_and_frozen_params_stay_fixed():

@@ -140,6 +140,15 @@ def test_a_config_that_does_not_fit_the_workdir_changes_nothing(
     assert snapshot(run_copy) == before
 
 
+def test_eval_of_an_unknown_split_changes_nothing(run_copy, tiny_main_command, capsys):
+    before = snapshot(run_copy)
+    argv = main_argv(tiny_main_command, run_copy, '--mode=eval', '--split=bogus')
+    status, lines = run_program(main_program, argv, capsys)
+    assert status == errors.EXIT_CODE
+    assert_one_error(lines, "split='bogus'", 'it has train', hint='--split')
+    assert snapshot(run_copy) == before
+
+
 def test_a_failed_start_creates_no_workdir(tiny_main_command, tmp_path, capsys):
     argv = main_argv(tiny_main_command, tmp_path / 'new', **{'model.num_classes': 3})
     status, lines = run_program(main_program, argv, capsys)

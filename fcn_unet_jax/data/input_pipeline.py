@@ -100,19 +100,35 @@ def get_dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
     )
 
 
+def num_split_examples(config: ml_collections.ConfigDict, split: str, flag: str) -> int:
+    """Examples in `split` of the (prepared) dataset; an unknown split is a UserError.
+
+    Args:
+      config: The full config; reads `dataset`.
+      split: a tfds split name or slice (`validation`, `train[:64]`).
+      flag: the flag that named it, for the message (`--split`).
+    """
+    return _split_size(config, _builder(config).info, split, flag)
+
+
 def _num_examples(
     config: ml_collections.ConfigDict, info: tfds.core.DatasetInfo, field: str
 ) -> int:
     """Examples in the split `config.dataset.<field>` names; an unknown split is a UserError."""
-    split = config.dataset[field]
+    return _split_size(config, info, config.dataset[field], f'--config.dataset.{field}')
+
+
+def _split_size(
+    config: ml_collections.ConfigDict, info: tfds.core.DatasetInfo, split: str, flag: str
+) -> int:
     try:
         return info.splits[split].num_examples
     except (KeyError, ValueError) as error:
         available = ', '.join(f'{n} ({s.num_examples})' for n, s in info.splits.items())
         raise errors.UserError(
-            f'config.dataset.{field}={split!r}, but dataset {config.dataset.name} has no such '
-            f'split; it has {available or "no split"}.',
-            hint=f'set --config.dataset.{field} to one of them',
+            f'{flag.removeprefix("--")}={split!r}, but dataset {config.dataset.name} has no '
+            f'such split; it has {available or "no split"}.',
+            hint=f'set {flag} to one of them',
         ) from error
 
 

@@ -11,6 +11,7 @@ What the path names decides how strict the merge is (`merge.merge_variables`):
 """
 
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -83,10 +84,17 @@ def missing_weights_error(path: str, model_name: str) -> errors.MissingInputErro
             f'file {original.url} with `fcn-unet convert-weights --input={original.file_name} '
             f'--model={original.model} --output={path}`'
         )
+    elif stage := re.fullmatch(r'fcn_voc_(\w+)', name):
+        # FCN-16s and -8s start from the previous stage's run (configs/fcn_voc.py).
+        make = (
+            f"it is the previous FCN stage's run: train it first with `fcn-unet train "
+            f'--config=fcn_voc:{stage[1]} --workdir={path}`'
+        )
     else:
         make = (
             f'make it from a torchvision / Keras / smp weights file with `fcn-unet '
-            f'convert-weights --input=FILE --model={model_name} --output={path}`'
+            f'convert-weights --input=FILE --model={model_name} --output={path}`, or, if '
+            f'it is a previous run, train that run into it first'
         )
     return errors.MissingInputError(
         f'config.init_from={path!r}: no such file or folder (the pretrained weights this '
