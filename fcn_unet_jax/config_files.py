@@ -54,7 +54,9 @@ def valid_names() -> list[str]:
 
 
 def _looks_like_path(name: str) -> bool:
-    return name.endswith('.py') or os.sep in name or '/' in name or os.path.exists(name)
+    # A file, not any path: a folder named like a config (a workdir `shapes_unet`) in the
+    # working directory must not hide the config of that name.
+    return name.endswith('.py') or os.sep in name or '/' in name or os.path.isfile(name)
 
 
 def make_importable(path: str | os.PathLike[str]) -> None:

@@ -37,6 +37,7 @@ class EvalPictures:
         self._trainer = trainer
         self._count = trainer.config.eval.tensorboard_images
         self._examples: dict[str, np.ndarray] | None = None
+        self._kept: list[int] = []
         self._images: jax.Array | None = None
         predict_fn = inference.make_predict_fn(trainer.model, trainer.config, trainer.mesh)
         self._predict = console.FirstCallLogger(
@@ -60,6 +61,7 @@ class EvalPictures:
         # Process 0 reads the split's first examples: its local batch leads the global one.
         keep = [i for i in range(min(self._count, len(local['mask']))) if local['mask'][i].any()]
         self._examples = {key: local[key][keep] for key in ('image', 'label', 'mask')}
+        self._kept = keep  # Their rows in the global batch, whose predictions they show.
 
     def write(
         self, writer: metric_writers.MetricWriter, step: int, result: Mapping[str, Any]
@@ -90,11 +92,10 @@ class EvalPictures:
             mean, scale, bgr = augment.statistics(
                 input_pipeline.normalization_for(config), config.model.input_channels
             )
-            count = len(examples['mask'])
             pictures[PREDICTIONS_TAG] = visualize.evaluation_panels(
                 examples['image'][:, :height, :width],
                 examples['label'][:, :height, :width],
-                np.where(examples['mask'], predictions[:count], info.ignore_label)[
+                np.where(examples['mask'], predictions[self._kept], info.ignore_label)[
                     :, :height, :width
                 ],
                 info.class_names,

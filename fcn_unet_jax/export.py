@@ -46,7 +46,7 @@ format is written; an existing `DIR` is never overwritten. Input errors are one
 
 import os
 import shutil
-import tempfile
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -296,7 +296,10 @@ def export_run(
     channels = config.model.input_channels
     parent = os.path.dirname(output)
     os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f'.{os.path.basename(output)}.', dir=parent)
+    # A hidden sibling, renamed into place when complete; os.mkdir (not mkdtemp's 0700)
+    # gives the permissions of any folder the user makes, for a server running as another user.
+    staging = os.path.join(parent, f'.{os.path.basename(output)}.{uuid.uuid4().hex[:8]}')
+    os.mkdir(staging)
     files = {}
     try:
         if 'stablehlo' in formats:

@@ -25,6 +25,12 @@ def test_a_config_name_resolves_to_the_packaged_file():
     assert config_files.resolve('configs/fcn_voc.py:8s') == 'configs/fcn_voc.py:8s'
 
 
+def test_a_folder_named_like_a_config_does_not_hide_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'shapes_unet').mkdir()  # e.g. a workdir named after its config
+    assert config_files.resolve('shapes_unet') == str(config_files.CONFIGS_DIR / 'shapes_unet.py')
+
+
 @pytest.mark.parametrize('alias', sorted(config_files.ALIASES))
 def test_every_alias_names_a_config(alias):
     name = config_files.ALIASES[alias].partition(':')[0]

@@ -127,6 +127,9 @@ def test_fixed_size_argmax_and_refusals(run, tmp_path, capsys):
     )
     assert metadata['input']['shape'] == ['batch', 40, 24, 3]
     assert sorted(os.listdir(output)) == ['metadata.json', 'model.stablehlo']
+    plain = tmp_path / 'plain'
+    plain.mkdir()  # A server running as another user reads it as it reads any folder.
+    assert output.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
     loaded = jax.export.deserialize(bytearray((output / export.STABLEHLO_FILE).read_bytes()))
     images = _images((2, 40, 24, 3), seed=2)
     ids = np.asarray(loaded.call(images))

@@ -40,6 +40,7 @@ import shutil
 import tempfile
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Sequence
 
 from absl import app, flags, logging
@@ -274,7 +275,9 @@ def fetch_and_convert(
             hint='move it away, or pass another --dir',
         )
     path = download(original, os.path.join(directory, DOWNLOADS_SUBDIR), url=url)
-    staging = tempfile.mkdtemp(prefix=f'.{name}.', dir=directory)
+    # Renamed into place when complete; os.mkdir keeps the user's umask (mkdtemp's is 0700).
+    staging = os.path.join(directory, f'.{name}.{uuid.uuid4().hex[:8]}')
+    os.mkdir(staging)
     try:
         convert_file(path, original.model, staging, num_classes=original.num_classes)
         os.replace(staging, output)

@@ -136,6 +136,9 @@ def test_fetch_and_convert_writes_a_checkpoint_init_from_reads(server, tmp_path)
 
     output = download.fetch_and_convert('unet_vgg16_imagenet', original, str(tmp_path / 'w'))
     assert output == str(tmp_path / 'w' / 'unet_vgg16_imagenet')
+    plain = tmp_path / 'plain'
+    plain.mkdir()  # Readable as any folder the user makes (not a temporary folder's 0700).
+    assert os.stat(output).st_mode & 0o777 == plain.stat().st_mode & 0o777
     assert sorted(os.listdir(tmp_path / 'w')) == ['downloads', 'unet_vgg16_imagenet']
     restored = weights.load_pretrained(output, model_name='unet_vgg16')
     kernel = restored['params']['backbone']['conv1_1']['kernel']
