@@ -98,6 +98,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
         sys.exit(1)
     module, extra = VERBS[verb]
+    for flag in extra:  # The verb's own flags are not the user's to change.
+        name = flag.partition('=')[0]
+        given = [arg for arg in rest if arg == name or arg.startswith(f'{name}=')]
+        if given:
+            print(
+                f'error: {PROGRAM} {verb} sets {flag}; {given[0]} does not go with it.',
+                file=sys.stderr,
+            )
+            sys.exit(1)
     console.silence_native_logs()  # Before anything imports TensorFlow.
     if importlib.util.find_spec(module) is None:
         print(

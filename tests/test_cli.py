@@ -75,6 +75,16 @@ def test_every_verb_has_its_program():
         assert cli.importlib.util.find_spec(module) is not None, verb
 
 
+def test_a_verb_refuses_a_flag_it_sets(capsys):
+    with pytest.raises(SystemExit) as exited:
+        cli.main(['fcn-unet', 'eval', '--workdir=w', '--mode=train'])
+    assert exited.value.code == 1
+    assert (
+        capsys.readouterr().err
+        == 'error: fcn-unet eval sets --mode=eval; --mode=train does not go with it.\n'
+    )
+
+
 def test_an_unknown_verb_is_one_line(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(['fcn-unet', 'trian'])
