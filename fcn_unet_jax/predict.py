@@ -49,6 +49,7 @@ from fcn_unet_jax import (
 )
 from fcn_unet_jax import workdir as workdir_files
 from fcn_unet_jax.data import builders, input_pipeline
+from fcn_unet_jax.data.builders.common import decode_reason
 
 IMAGE_EXTENSIONS = ('.bmp', '.gif', '.jpeg', '.jpg', '.png', '.ppm', '.tif', '.tiff', '.webp')
 
@@ -128,17 +129,11 @@ def _readable(paths: Sequence[str], failed: list) -> Iterator[tuple[str, np.ndar
         try:
             image = read_image(path)
         except (OSError, ValueError, Image.DecompressionBombError) as error:
-            logging.warning('Skipping %s: %s', path, unreadable_reason(error))
-            failed.append((path, unreadable_reason(error)))
+            reason = decode_reason(error)
+            logging.warning('Skipping %s: %s', path, reason)
+            failed.append((path, reason))
         else:
             yield path, image
-
-
-def unreadable_reason(error: BaseException) -> str:
-    """Why an image file could not be read, in one line (Pillow's own text for the details)."""
-    if isinstance(error, Image.UnidentifiedImageError):
-        return 'not an image file Pillow can decode (is it really an image?)'
-    return f'cannot read it ({type(error).__name__}: {str(error).splitlines()[0]})'
 
 
 def _same_size_batches(

@@ -361,18 +361,15 @@ def _check_workdir_for_training(
     """
     if restart_from_scratch:
         return []
-    changes = workdir_files.config_changes(workdir, config)
-    defining = [c for c in changes if workdir_files.is_run_defining(c)]
-    if defining:
-        raise workdir_files.config_mismatch_error(
-            workdir,
-            defining,
-            hint=(
-                'use another --workdir, or add --restart_from_scratch to move that run to '
-                f'{workdir_files.next_previous_run_dir(workdir)} and start afresh (nothing '
-                'is deleted)'
-            ),
-        )
+    changes = workdir_files.check_config_fits(
+        workdir,
+        config,
+        hint=(
+            'use another --workdir, or add --restart_from_scratch to move that run to '
+            f'{workdir_files.next_previous_run_dir(workdir)} and start afresh (nothing '
+            'is deleted)'
+        ),
+    )
     for change in changes:
         logging.info('Config change on resume (recorded in config_history.jsonl): %s', change)
     return changes
@@ -521,16 +518,12 @@ def evaluate_checkpoint(
             hint=f'train first: fcn-unet train --config=... --workdir={workdir}',
         )
     resolve_config(config)
-    defining = [
-        c for c in workdir_files.config_changes(workdir, config) if workdir_files.is_run_defining(c)
-    ]
-    if defining:
-        raise workdir_files.config_mismatch_error(
-            workdir,
-            defining,
-            hint='evaluate with the config the run was trained with (its config.json), '
-            'without these overrides',
-        )
+    workdir_files.check_config_fits(
+        workdir,
+        config,
+        hint='evaluate with the config the run was trained with (its config.json), '
+        'without these overrides',
+    )
     trainer = Trainer(config, devices, pretrained=False)  # The checkpoint replaces it.
     input_pipeline.num_split_examples(config, split, '--split')  # Before any restore.
     manager = checkpointing.CheckpointManager(

@@ -320,6 +320,29 @@ def config_mismatch_error(
     )
 
 
+def check_config_fits(
+    workdir: str | os.PathLike[str], config: ml_collections.ConfigDict, hint: str
+) -> list[ConfigChange]:
+    """The changes of `config` against the run in `workdir`; refuses run-defining ones.
+
+    Args:
+      workdir: the run's workdir (with or without a config.json).
+      config: the config a command asks for.
+      hint: what the user can do instead, for the error.
+
+    Returns:
+      Every change (all of them safe ones).
+
+    Raises:
+      UserError: `config_mismatch_error` of the run-defining changes, if any.
+    """
+    changes = config_changes(workdir, config)
+    defining = [c for c in changes if is_run_defining(c)]
+    if defining:
+        raise config_mismatch_error(workdir, defining, hint)
+    return changes
+
+
 def record_config(
     workdir: str | os.PathLike[str],
     config: ml_collections.ConfigDict,

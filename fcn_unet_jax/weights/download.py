@@ -47,7 +47,6 @@ from absl import app, flags, logging
 
 from fcn_unet_jax import errors
 from fcn_unet_jax.weights.converted import convert_file, is_pretrained_checkpoint
-from fcn_unet_jax.weights.errors import WeightImportError
 
 FLAGS = flags.FLAGS
 
@@ -333,7 +332,7 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = FLAGS) -> None:
 
 
 if __name__ == '__main__':
+    from fcn_unet_jax.weights.convert import INPUT_ERRORS  # The converter's input errors.
+
     define_flags()
-    # A torchvision .pth needs torch to be read: its ImportError says how to get it.
-    user_errors = (WeightImportError, ImportError)
-    app.run(errors.guard(main, user_errors=user_errors), flags_parser=errors.parse_flags)
+    app.run(errors.guard(main, user_errors=INPUT_ERRORS), flags_parser=errors.parse_flags)
