@@ -16,6 +16,8 @@ that names it.
 import dataclasses
 import difflib
 import functools
+import importlib.util
+import pathlib
 import re
 from collections.abc import Callable
 from typing import Any
@@ -243,14 +245,24 @@ def default_model_config() -> ml_collections.ConfigDict | None:
     """The documented model defaults: the model section of `configs/default.py`.
 
     Returns:
-      A fresh copy of `configs.default.get_config().model`, or None where the repository's
-      `configs` package cannot be imported (an installed package used from elsewhere).
+      A fresh copy of `configs/default.py`'s `get_config().model`, or None where the
+      project's `configs/` is not beside the package.
     """
-    try:
-        from configs import default  # The repository's configs/: one table of defaults.
-    except ImportError:
+    default = _project_default_config()
+    return None if default is None else default.get_config().model
+
+
+@functools.cache
+def _project_default_config() -> Any:
+    # The project's own file, by path: a `configs` package of the user's, first on the
+    # path, must not supply the defaults.
+    path = pathlib.Path(__file__).resolve().parents[2] / 'configs' / 'default.py'
+    if not path.is_file():
         return None
-    return default.get_config().model
+    spec = importlib.util.spec_from_file_location('fcn_unet_jax._default_config', path)
+    default = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(default)
+    return default
 
 
 def complete_model_config(model_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

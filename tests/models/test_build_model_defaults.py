@@ -4,6 +4,8 @@ The defaults are written once, in configs/default.py; a field that is unknown, o
 where those defaults cannot be imported, is a user error that names it.
 """
 
+import sys
+
 import ml_collections
 import pytest
 
@@ -38,3 +40,15 @@ def test_unknown_or_missing_fields_are_named(monkeypatch):
     monkeypatch.setattr(models, 'default_model_config', lambda: None)
     with pytest.raises(errors.UserError, match=r"lacks the field '\w+'"):
         models.build_model(ml_collections.ConfigDict({'name': 'unet', 'num_classes': 2}))
+
+
+def test_a_users_configs_package_does_not_supply_the_defaults(tmp_path, monkeypatch):
+    # A project of the user's with its own configs/default.py, first on the path.
+    (tmp_path / 'configs').mkdir()
+    (tmp_path / 'configs' / '__init__.py').write_text('')
+    (tmp_path / 'configs' / 'default.py').write_text('def get_config():\n    raise ValueError\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ('configs', 'configs.default'):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    model = models.build_model(ml_collections.ConfigDict({'name': 'unet', 'num_classes': 2}))
+    assert model.input_channels == default.get_config().model.input_channels
