@@ -1,6 +1,6 @@
 """XLA flags the project's programs set before JAX starts its backends.
 
-Both flags name only the CPU backend (`xla_cpu_...`), so they are set for CPU backends
+Both flags name only the CPU backend (`xla_cpu_...`), so they act on CPU compilations
 only, whatever else runs: `XLA_FLAGS` reaches every XLA in the process (libtpu and the CUDA
 plugin parse it too, and refuse a flag they do not know), but these two change nothing
 except XLA:CPU's compilation. `make accel-check` compiles TPU (and H100) programs with them
