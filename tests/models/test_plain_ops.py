@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from fcn_unet_jax import models
+from fcn_unet_jax.ops import platform
 from tests.models.helpers import abstract_init, make_config, random_variables
 from tests.ops.helpers import jaxpr_eqns
 
@@ -158,3 +159,27 @@ def test_the_registry_reads_and_checks_plain_ops():
     assert models.build_model(ml_collections.ConfigDict(fields)).plain_ops is False
     with pytest.raises(ValueError, match='config.model.plain_ops must be True or False'):
         models.build_model(ml_collections.ConfigDict({**fields, 'plain_ops': 'yes'}))
+
+
+@pytest.mark.parametrize(
+    ('name', 'overrides', 'shape'), [FAMILIES[0], FAMILIES[4]]
+)  # fcn_vgg16, unet_same: every op kind of the ops package between them.
+def test_the_accelerator_branches_compute_what_the_plain_ops_do(
+    name, overrides, shape, monkeypatch
+):
+    # A GPU or TPU program takes the `default` branch of every platform choice: run those
+    # branches here (what a CPU program never executes) and compare with the plain ops.
+    monkeypatch.setattr(platform, 'on_cpu', lambda cpu, default, *args: default(*args))
+    tuned = models.build_model(make_config(name, **overrides))
+    plain = models.build_model(make_config(name, plain_ops=True, **overrides))
+    variables = _variables(tuned, shape)
+    rng = np.random.default_rng(1)
+    images = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    out_shape = jax.eval_shape(lambda: tuned.apply(variables, images, train=False)).shape
+    cotangent = jnp.asarray(rng.normal(size=out_shape), jnp.float32)
+    results = {
+        label: jax.jit(_train_and_eval(model, variables, images, cotangent))(variables['params'])
+        for label, model in (('accelerator', tuned), ('plain', plain))
+    }
+    for key in ('eval_logits', 'train_logits', 'updates', 'grads'):
+        _assert_trees_close(results['plain'][key], results['accelerator'][key], key, 1e-5)
