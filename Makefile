@@ -12,6 +12,9 @@ LOCK := requirements/lock.txt
 # `make accel-check ACCEL_EXTRAS=test,tpu,cuda12` adds the 8 x H100 compile (about 5 GB).
 ACCEL_EXTRAS ?= test,tpu
 ACCEL_RESULTS ?= workdirs/accel-check/results.jsonl
+# One stamp per set of extras: asking for more (cuda12) installs them into the existing venv.
+comma := ,
+ACCEL_STAMP := $(ACCEL_VENV)/.installed-$(subst $(comma),-,$(ACCEL_EXTRAS))
 PYTEST_WORKERS ?= 2
 DEMO_WORKDIR ?= workdirs/demo
 
@@ -43,7 +46,7 @@ $(PARITY_VENV)/.installed: setup.cfg pyproject.toml $(LOCK)
 parity: $(PARITY_VENV)/.installed
 	$(PARITY_PY) -m pytest -q -m parity tests
 
-$(ACCEL_VENV)/.installed: setup.cfg pyproject.toml $(LOCK)
+$(ACCEL_STAMP): setup.cfg pyproject.toml $(LOCK)
 	test -x $(ACCEL_PY) || $(PYTHON) -m venv $(ACCEL_VENV)
 	$(ACCEL_PY) -m pip install --quiet -c $(LOCK) -e '.[$(ACCEL_EXTRAS)]'
 	touch $@
@@ -52,7 +55,7 @@ $(ACCEL_VENV)/.installed: setup.cfg pyproject.toml $(LOCK)
 # U-Net-ResNet50) for a TPU v5e-8 slice without the hardware (libtpu's compile-only devices;
 # 8 x H100 too where the CUDA plugin is installed) at small sizes, and prints the per-device
 # memory table. JAX itself runs on the CPU: about 8 CPU-minutes.
-accel-check: $(ACCEL_VENV)/.installed
+accel-check: $(ACCEL_STAMP)
 	rm -f $(ACCEL_RESULTS)
 	JAX_PLATFORMS=cpu ALLOW_MULTIPLE_LIBTPU_LOAD=1 AOT_RESULTS=$(ACCEL_RESULTS) \
 		$(ACCEL_PY) -m pytest -q -n $(PYTEST_WORKERS) -m accel -p no:cacheprovider \

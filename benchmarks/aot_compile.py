@@ -30,10 +30,10 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from fcn_unet_jax import errors, xla_options
+from fcn_unet_jax import config_files, errors, xla_options
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
+config_files.define_config_flag()
 flags.DEFINE_string('target', 'v5e-8', 'Target system: v5e-8, v4-8, v6e-8, h100:8, ...')
 flags.DEFINE_list('steps', ['train', 'eval'], 'Steps to compile: train, eval.')
 flags.DEFINE_bool(
