@@ -247,6 +247,7 @@ def test_runlocal_trains_on_shapes(name, arg, shapes_small_data_dir, tmp_path):
     config.batch_size = 4
     config.eval_batch_size = 4
     config.num_train_steps = 2
+    config.eval.tensorboard_images = 0  # Pictures are tests/test_console_logs.py's.
     summaries = train.train_and_evaluate(config, str(tmp_path))
     assert summaries['step'] == 2
     assert math.isfinite(summaries['train_loss'])

@@ -23,7 +23,7 @@ def test_rows_carry_model_flops_and_a_batch_override(tmp_path):
             '-m',
             'benchmarks.device_throughput',
             # A comma in the config's argument and a batch override.
-            '--config=folder_preset:unet_vgg16,320,runlocal@2',
+            '--config=skip_ablation_shapes:unet,runlocal@2',
             '--dtypes=float32',
             '--steps=1',
             '--matmul_size=256',
@@ -39,7 +39,7 @@ def test_rows_carry_model_flops_and_a_batch_override(tmp_path):
         json.loads(line)
         for line in (tmp_path / 'results' / 'device.jsonl').read_text().splitlines()
     ]
-    assert [(r['model'], r['batch_size']) for r in rows] == [('unet_vgg16', 2)]
+    assert [(r['model'], r['batch_size']) for r in rows] == [('unet', 2)]
     for row in rows:
         # The step as written: forward and backward of every conv, so well above zero.
         assert row['tflop_per_step'] > 0
@@ -47,4 +47,4 @@ def test_rows_carry_model_flops_and_a_batch_override(tmp_path):
         assert row['step_gib'] > 0
         assert row['mfu_datasheet'] is None  # No datasheet rate for a CPU.
     table = (tmp_path / 'results' / 'device.md').read_text()
-    assert '| folder_preset:unet_vgg16,320,runlocal@2 | unet_vgg16 | float32 | 2 |' in table
+    assert '| skip_ablation_shapes:unet,runlocal@2 | unet | float32 | 2 |' in table

@@ -348,6 +348,7 @@ def test_train_and_evaluate_writes_run_info(shapes_small_data_dir, tmp_path):
     config.batch_size = 2
     config.eval_batch_size = 2
     config.num_train_steps = 1
+    config.eval.tensorboard_images = 0  # Pictures are tests/test_console_logs.py's.
     workdir = tmp_path / 'run'
     summaries = train.train_and_evaluate(config, str(workdir), devices=jax.devices()[:2])
 
