@@ -350,7 +350,7 @@ class CheckpointManager:
         if self.read_only:
             action = 'left in place; trying the previous checkpoint'
         else:
-            action = f'moved to {self._damaged_dir / str(step)}; trying the previous checkpoint'
+            action = f'moved to {self._damaged_target(step)}; trying the previous checkpoint'
         logging.warning(
             'Checkpoint step %d at %s could not be restored (%s); %s.',
             step,
@@ -361,13 +361,19 @@ class CheckpointManager:
         if not self.read_only:
             self._set_aside(step)
 
+    def _damaged_target(self, step: int) -> epath.Path:
+        """Where a damaged step goes: `<step>`, or `<step>.<n>` beside an earlier one."""
+        target, n = self._damaged_dir / str(step), 0
+        while target.exists():  # An earlier damaged copy of the step stays as it is.
+            n += 1
+            target = self._damaged_dir / f'{step}.{n}'
+        return target
+
     def _set_aside(self, step: int) -> None:
         """Moves a damaged step out of the managed directory (process 0 only)."""
         if jax.process_index() == 0:
             self._damaged_dir.mkdir(parents=True, exist_ok=True)
-            target = self._damaged_dir / str(step)
-            if target.exists():
-                shutil.rmtree(os.fspath(target))
+            target = self._damaged_target(step)
             shutil.move(os.fspath(self.directory / str(step)), os.fspath(target))
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f'set_aside_checkpoint_{step}')

@@ -85,6 +85,15 @@ def test_damaged_latest_falls_back_with_warning(manager, tmp_path):
     manager.save(4, _state(4))
     manager.wait_until_finished()
     assert manager.all_steps() == [3, 4]
+    # Step 4 damaged too and step 3 again: the earlier damaged copy of 3 is kept beside.
+    _damage(manager.directory / '4')
+    _damage(manager.directory / '3')
+    with absltest.mock.patch.object(checkpointing.logging, 'warning') as warning:
+        assert manager.restore_latest(_abstract(_state(0)))[1] is None
+    damaged = tmp_path / checkpointing.DAMAGED_SUBDIR
+    assert sorted(p.name for p in damaged.iterdir()) == ['3', '3.1', '4']
+    message = warning.call_args[0][0] % warning.call_args[0][1:]
+    assert f'moved to {damaged}/3.1;' in message
 
 
 def test_all_damaged_restores_nothing(manager):
