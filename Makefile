@@ -18,7 +18,7 @@ ACCEL_STAMP := $(ACCEL_VENV)/.installed-$(subst $(comma),-,$(ACCEL_EXTRAS))
 PYTEST_WORKERS ?= 2
 DEMO_WORKDIR ?= workdirs/demo
 
-.PHONY: install test lint format parity accel-check clean demo
+.PHONY: install test test-slow lint format parity accel-check clean demo
 
 install: $(VENV)/.installed
 
@@ -36,7 +36,12 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 
 test: lint
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) -m "not parity and not accel" tests
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) -m "not parity and not accel and not slow" tests
+
+# The end-to-end runs of half a minute or more (multi-process, SIGTERM, sweeps, recipe
+# smoke runs); CI runs them after `make test`.
+test-slow: install
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) -m slow tests
 
 $(PARITY_VENV)/.installed: setup.cfg pyproject.toml $(LOCK)
 	test -x $(PARITY_PY) || $(PYTHON) -m venv $(PARITY_VENV)

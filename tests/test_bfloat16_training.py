@@ -78,7 +78,10 @@ def relative_error(got, want) -> float:
 # fails if the bfloat16 path ever silently computes in float32.
 @pytest.mark.parametrize(
     ('name', 'batch_size', 'size', 'learning_rate', 'loss_rtol'),
-    [('fcn_resnet50', 8, 32, 1e-3, 0.08), ('fcn8s_vgg16', 2, 32, 3e-3, 0.05)],
+    [
+        pytest.param('fcn_resnet50', 8, 32, 1e-3, 0.08, marks=pytest.mark.slow),
+        ('fcn8s_vgg16', 2, 32, 3e-3, 0.05),
+    ],
 )
 def test_bfloat16_training_tracks_float32(name, batch_size, size, learning_rate, loss_rtol):
     config = make_config(name, size, learning_rate)

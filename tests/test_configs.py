@@ -234,7 +234,7 @@ def test_replication_configs_record_what_their_number_applies_to():
 
 @pytest.mark.parametrize(
     ('name', 'arg'),
-    [('fcn_voc', '8s'), ('fcn_resnet_voc', '50')],
+    [('fcn_voc', '8s'), pytest.param('fcn_resnet_voc', '50', marks=pytest.mark.slow)],
 )
 def test_runlocal_trains_on_shapes(name, arg, shapes_small_data_dir, tmp_path):
     config = load(name, with_runlocal(arg))

@@ -165,6 +165,7 @@ def test_paired_differences_leave_out_collapsed_runs():
     assert 'collapsed: predicts a single class' in per_run[0]
 
 
+@pytest.mark.slow
 def test_sweep_writes_tables_plot_and_reuses_runs(base_config, tmp_path, monkeypatch):
     output = str(tmp_path)
     results = skip_ablation.run_sweep(base_config, 'unet', [0, 1], output, ['full', 'none'])
