@@ -22,7 +22,7 @@ transformed form for inference and for training. Two more tables follow:
   latter on CPU where the last column says so);
 * the first conv of the smp-style U-Net decoder blocks (U-Net-ResNet50 at 320 px): the
   3x3 conv of `concat([upsample_nearest2x(x), skip])` (`convolutions.Conv`) against
-  `convolutions.UpsampledConcatConv`, forward and forward with both gradients.
+  `upsampling.UpsampledConcatConv`, forward and forward with both gradients.
 
 The thresholds in `fcn_unet_jax/ops/` (`winograd.MIN_HARMONIC_CHANNELS`,
 `winograd.MIN_MAP_POSITIONS`, `kernel_gradient.MAX_OUTPUT_CHANNELS_SWAPPED`, ...) were set
@@ -49,7 +49,7 @@ LAYERS = [
     ('ResNet layer4, dilated (FCN)', 40, 512, 512, 4),
     ('ResNet layer3, dilated (FCN)', 40, 256, 256, 2),
     ('ResNet layer2', 40, 128, 128, 1),
-    # The skip channels' convs of the U-Net decoders (`convolutions.UpsampledConcatConv`).
+    # The skip channels' convs of the U-Net decoders (`upsampling.UpsampledConcatConv`).
     ('U-Net decoder 2 skip (ResNet-50)', 40, 512, 128, 1),
     ('U-Net decoder 3 skip (ResNet-50)', 80, 256, 64, 1),
     ('U-Net decoder 4 skip (ResNet-50)', 160, 64, 32, 1),
@@ -209,7 +209,7 @@ def _decoder_table(rng) -> None:
     import jax
     import jax.numpy as jnp
 
-    from fcn_unet_jax.ops import convolutions
+    from fcn_unet_jax.ops import convolutions, upsampling
 
     print(
         '\n| decoder conv1 | input map | channels (input + skip -> out) '
@@ -222,11 +222,11 @@ def _decoder_table(rng) -> None:
         skip = jnp.asarray(rng.normal(size=(n, 2 * side, 2 * side, c_skip)), jnp.float32)
         dy = jnp.asarray(rng.normal(size=(n, 2 * side, 2 * side, c_out)), jnp.float32)
         concat_conv = convolutions.Conv(c_out, (3, 3), padding=((1, 1), (1, 1)), use_bias=False)
-        split_conv = convolutions.UpsampledConcatConv(c_out, (3, 3), use_bias=False)
+        split_conv = upsampling.UpsampledConcatConv(c_out, (3, 3), use_bias=False)
         skip_or_none = skip if c_skip else None
 
         def merged(x, skip, c_skip=c_skip):
-            up = convolutions.upsample_nearest2x(x)
+            up = upsampling.upsample_nearest2x(x)
             return jnp.concatenate([up, skip], axis=-1) if c_skip else up
 
         params = split_conv.init(jax.random.key(0), x, skip_or_none)

@@ -23,9 +23,9 @@ On CPU (elsewhere: the plain op in brackets):
   - strided: XLA's convolution, its input gradient computed phase by phase
     (`convolutions.input_grad_by_phases`) [XLA's gradient].
   - anything else (groups, masks, input dilation, circular padding): `nn.Conv` everywhere.
-* `ConvTranspose`: with kernel size = stride (the U-Net's up-convolution), a matrix
-  product and `depth_to_space` [`lax.conv_transpose`, as `nn.ConvTranspose`]; otherwise
-  `nn.ConvTranspose` everywhere.
+* `ConvTranspose` (`upsampling.py`, as the next two): with kernel size = stride (the
+  U-Net's up-convolution), a matrix product and `depth_to_space` [`lax.conv_transpose`,
+  as `nn.ConvTranspose`]; otherwise `nn.ConvTranspose` everywhere.
 * `UpsampledConcatConv`: the 3x3 conv of `concat([upsample_nearest2x(x), skip])` without
   forming either tensor (a 2x2 phase convolution of `x` plus `Conv` of the skip) [the
   convolution of the concatenation].
@@ -54,16 +54,16 @@ be checked against XLA's own ops. Code that calls the ops directly gets the same
 
 from fcn_unet_jax.ops.batch_norm import STATISTICS as BATCH_NORM_STATISTICS
 from fcn_unet_jax.ops.batch_norm import BatchNorm, batch_norm_statistics
-from fcn_unet_jax.ops.convolutions import (
-    Conv,
+from fcn_unet_jax.ops.convolutions import Conv
+from fcn_unet_jax.ops.pooling import max_pool, max_pool_2x2
+from fcn_unet_jax.ops.remat import remat
+from fcn_unet_jax.ops.switch import plain_ops, uses_plain_ops
+from fcn_unet_jax.ops.upsampling import (
     ConvTranspose,
     UpsampledConcatConv,
     upsample_nearest2x,
     upsample_transposed,
 )
-from fcn_unet_jax.ops.pooling import max_pool, max_pool_2x2
-from fcn_unet_jax.ops.remat import remat
-from fcn_unet_jax.ops.switch import plain_ops, uses_plain_ops
 from fcn_unet_jax.ops.xla_cpu import keep_recomputation, materialize
 
 __all__ = [

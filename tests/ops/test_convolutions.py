@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fcn_unet_jax.ops import convolutions, kernel_gradient
+from fcn_unet_jax.ops import convolutions, kernel_gradient, upsampling
 from tests.ops.helpers import jaxpr_eqns
 
 pytestmark = pytest.mark.usefixtures('fast_compiles')
@@ -189,7 +189,7 @@ def test_conv3x3_of_upsampled_equals_the_conv_of_the_upsampled_input(size):
 
     def reference(x, kernel):
         return jax.lax.conv_general_dilated(
-            convolutions.upsample_nearest2x(x),
+            upsampling.upsample_nearest2x(x),
             kernel,
             (1, 1),
             ((1, 1), (1, 1)),
@@ -197,12 +197,12 @@ def test_conv3x3_of_upsampled_equals_the_conv_of_the_upsampled_input(size):
         )
 
     want = reference(x, kernel)
-    got = convolutions.conv3x3_of_upsampled(x, kernel)
+    got = upsampling.conv3x3_of_upsampled(x, kernel)
     assert got.shape == want.shape == (2, 2 * size[0], 2 * size[1], 5)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     cotangent = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
     for a, b in zip(
-        jax.vjp(convolutions.conv3x3_of_upsampled, x, kernel)[1](cotangent),
+        jax.vjp(upsampling.conv3x3_of_upsampled, x, kernel)[1](cotangent),
         jax.vjp(reference, x, kernel)[1](cotangent),
         strict=True,
     ):
@@ -221,12 +221,12 @@ def test_upsampled_concat_conv_equals_conv_of_the_concatenation(skip_channels, d
     )
 
     def merged(x, skip):
-        up = convolutions.upsample_nearest2x(x)
+        up = upsampling.upsample_nearest2x(x)
         return up if skip is None else jnp.concatenate([up, skip], axis=-1)
 
     kwargs = {'dtype': dtype, 'param_dtype': jnp.float32}
     ref = convolutions.Conv(7, (3, 3), padding=((1, 1), (1, 1)), **kwargs)
-    ours = convolutions.UpsampledConcatConv(7, (3, 3), **kwargs)
+    ours = upsampling.UpsampledConcatConv(7, (3, 3), **kwargs)
     variables = ref.init(jax.random.key(0), merged(x, skip))
     # Same parameter names, shapes and initial values as the conv of the concatenation.
     ours_variables = ours.init(jax.random.key(0), x, skip)
@@ -254,7 +254,7 @@ def test_upsampled_concat_conv_equals_conv_of_the_concatenation(skip_channels, d
 
 
 def test_upsampled_concat_conv_rejects_a_skip_of_the_wrong_size():
-    conv = convolutions.UpsampledConcatConv(4, (3, 3))
+    conv = upsampling.UpsampledConcatConv(4, (3, 3))
     with pytest.raises(ValueError, match=r'twice the height and width.*\(3, 5\).*\(6, 9\)'):
         conv.init(jax.random.key(0), jnp.zeros((1, 3, 5, 2)), jnp.zeros((1, 6, 9, 2)))
 
@@ -321,7 +321,7 @@ def test_block_conv_transpose_equals_nn_conv_transpose(padding, dtype):
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 7, 3)), jnp.float32)
     kwargs = {'strides': (2, 2), 'padding': padding, 'dtype': dtype}
     ref = flax.linen.ConvTranspose(4, (2, 2), **kwargs)
-    ours = convolutions.ConvTranspose(4, (2, 2), **kwargs)
+    ours = upsampling.ConvTranspose(4, (2, 2), **kwargs)
     variables = ref.init(jax.random.key(0), x)
     variables['params']['bias'] = jnp.arange(4.0)  # Non-zero, so the bias is checked too.
     assert jax.tree_util.tree_map(jnp.shape, ours.init(jax.random.key(0), x)) == (
@@ -358,11 +358,11 @@ def test_subpixel_upsampling_equals_the_transposed_convolution(factor):
         )
 
     np.testing.assert_allclose(
-        convolutions.upsample_transposed(x, kernel, factor), reference(x, kernel), 1e-5, 1e-5
+        upsampling.upsample_transposed(x, kernel, factor), reference(x, kernel), 1e-5, 1e-5
     )
     cotangent = jnp.asarray(rng.normal(size=(2, 6 * factor, 5 * factor, 6)), jnp.float32)
     for grad_ours, grad_ref in zip(
-        jax.vjp(functools.partial(convolutions.upsample_transposed, factor=factor), x, kernel)[1](
+        jax.vjp(functools.partial(upsampling.upsample_transposed, factor=factor), x, kernel)[1](
             cotangent
         ),
         jax.vjp(reference, x, kernel)[1](cotangent),
