@@ -28,7 +28,19 @@ FCN_DROPOUT = 0.5
 
 _conv_init = nn.initializers.he_normal()
 # torchvision initialises VGG's Linear layers (our fc6/fc7) with N(0, 0.01).
-_fc_init = nn.initializers.normal(0.01)
+FC_INIT_STD = 0.01
+
+
+def fc_init_std(width: float) -> float:
+    """The std of fc6/fc7's initial weights at channel multiplier `width`.
+
+    torchvision's N(0, 0.01) sets each layer's gain (std x sqrt(fan-in): 1.58 for fc6's
+    7 x 7 x 512 inputs, 0.64 for fc7's 4,096) at the paper's widths. Both fan-ins scale
+    with `width`, so the std grows by 1 / sqrt(width) to keep those gains: with a fixed
+    0.01, a 1/16-width FCN-32s starts with fc7 outputs 16 times weaker than at full width
+    and learns far more slowly than its skip variants, whose scores bypass fc6/fc7.
+    """
+    return FC_INIT_STD / width**0.5
 
 
 class VGG16(nn.Module):
@@ -92,7 +104,7 @@ class VGG16(nn.Module):
                 layers.scaled(4096, self.width),
                 (kernel, kernel),
                 padding='VALID',
-                kernel_init=_fc_init,
+                kernel_init=nn.initializers.normal(fc_init_std(self.width)),
                 dtype=dtype,
                 param_dtype=jnp.float32,
                 name=name,

@@ -2,10 +2,11 @@
 
 import flax
 import jax
+import numpy as np
 import pytest
 
 from fcn_unet_jax import models
-from fcn_unet_jax.models import encoders
+from fcn_unet_jax.models import encoders, vgg
 from fcn_unet_jax.models.resnet import ResNet
 from fcn_unet_jax.models.vgg import VGG16
 from tests.models.helpers import TINY, abstract_init, make_config
@@ -76,3 +77,18 @@ def test_every_model_backbone_is_its_registered_encoder(name):
     )
     for collection, tree in flax.core.unfreeze(variables).items():
         assert flax.core.unfreeze(backbone[collection]['backbone']) == tree, collection
+
+
+def test_fc_init_keeps_the_full_width_gain_at_any_width():
+    """fc6/fc7 start with torchvision's per-layer gain whatever the channel multiplier."""
+    assert vgg.fc_init_std(1.0) == 0.01  # torchvision's N(0, 0.01) at the paper's widths
+    encoder = models.build_encoder('vgg16', width=TINY, fcn_form=True)
+    variables = encoder.init(jax.random.key(0), jax.numpy.zeros((1, 32, 32, 3)), train=False)
+    for name, full_fan_in in (('fc6', 7 * 7 * 512), ('fc7', 4096)):
+        kernel = np.asarray(variables['params'][name]['kernel'])
+        fan_in = int(np.prod(kernel.shape[:-1]))
+        assert fan_in == full_fan_in * TINY
+        # std x sqrt(fan-in) as at full width (1.58 for fc6, 0.64 for fc7), not 4x less.
+        np.testing.assert_allclose(
+            kernel.std() * np.sqrt(fan_in), 0.01 * np.sqrt(full_fan_in), rtol=0.03
+        )
