@@ -23,13 +23,15 @@ final step) is reused, an unfinished one resumes from its checkpoints. The sweep
 
 Collapsed runs: a run whose final train loss is still at least `COLLAPSE_LOSS_FRACTION` of
 the entropy of the class prior (estimated from the eval split's ground truth: the loss of
-predicting the class frequencies everywhere), or that predicts one class only, learned
-nothing but the prior. So did a run that never predicts a class which most of the other
-seeds of its variant predict: that class failed to train in this seed (a U-Net that never
-starts predicting the thin bars, say). Either is flagged in its row and left out of its
-variant's statistics and of every paired difference, with a note under the table. A class
-that most seeds of a variant never predict is named in their rows without excluding them:
-a stride-32 output may never resolve a 2 px bar, which is the effect being measured.
+predicting the class frequencies everywhere; checked only when the loss is plain
+cross-entropy, the one that entropy bounds: a weighted loss such as the U-Net border map
+has another scale), or that predicts one class only, learned nothing but the prior. So did
+a run that never predicts a class which most of the other seeds of its variant predict:
+that class failed to train in this seed (a U-Net that never starts predicting the thin
+bars, say). Either is flagged in its row and left out of its variant's statistics and of
+every paired difference, with a note under the table. A class that most seeds of a variant
+never predict is named in their rows without excluding them: a stride-32 output may never
+resolve a 2 px bar, which is the effect being measured.
 
 On `shapes_fine` (budgets and results: docs/replication.md):
 
@@ -137,6 +139,21 @@ def _final_train_loss(workdir: str) -> float | None:
     return float(losses[-1]) if losses else None
 
 
+def loss_is_plain_cross_entropy(config: ml_collections.ConfigDict) -> bool:
+    """Whether the logged train loss is the unweighted per-pixel mean cross-entropy.
+
+    Only that loss is comparable with the class-prior entropy: class weights, the U-Net
+    border map, a Dice term or an auxiliary head change its scale.
+    """
+    return (
+        config.loss.name == 'cross_entropy'
+        and config.loss.normalization == 'mean'
+        and config.loss.class_weights is None
+        and not config.input.get('border_weights', False)
+        and not config.model.get('aux_head', False)
+    )
+
+
 def prior_entropy(confusion: np.ndarray) -> float:
     """Entropy (nats) of the ground-truth class frequencies: the loss of predicting them."""
     counts = np.asarray(confusion, np.float64).sum(axis=1)
@@ -151,7 +168,8 @@ def collapse_check(
 
     Args:
       confusion: the run's eval confusion matrix (rows ground truth).
-      train_loss: its final train loss (None if unknown).
+      train_loss: its final train loss (None if unknown or not plain cross-entropy, see
+        `loss_is_plain_cross_entropy`: then only the predictions are checked).
       class_names: the dataset's class names.
 
     Returns:
@@ -207,7 +225,10 @@ def _run(config, name, variant, seed, output) -> dict[str, Any]:
         logging.info('Reusing the finished run in %s.', workdir)
     info = workdir_files.read_run_info(workdir) or {}
     loss = _final_train_loss(workdir)
-    collapsed, never = collapse_check(report['confusion_matrix'], loss, report['class_names'])
+    comparable_loss = loss if loss_is_plain_cross_entropy(config) else None
+    collapsed, never = collapse_check(
+        report['confusion_matrix'], comparable_loss, report['class_names']
+    )
     # eval_results.json stores an undefined metric (NaN) as null.
     run = {key: math.nan if report[key] is None else float(report[key]) for key in COLUMNS}
     run |= {

@@ -14,7 +14,7 @@ import os
 import numpy as np
 import pytest
 
-from configs import skip_ablation_shapes
+from configs import default, skip_ablation_shapes
 from experiments import skip_ablation
 from fcn_unet_jax import train
 from fcn_unet_jax import workdir as workdir_files
@@ -70,6 +70,25 @@ def test_collapse_check():
     assert skip_ablation.collapse_check(learned, 0.3, CLASSES) == (None, ['b'])
     reason, _ = skip_ablation.collapse_check(learned, 0.6, CLASSES)  # >= 0.9 x 0.639.
     assert reason.startswith('train loss 0.600 >= 0.9 x class-prior entropy 0.639')
+
+
+def test_only_a_plain_cross_entropy_is_compared_with_the_prior_entropy():
+    config = default.get_config()
+    assert skip_ablation.loss_is_plain_cross_entropy(config)
+    for field, value in [
+        ('input.border_weights', True),  # the U-Net weight map: another scale
+        ('loss.class_weights', (0.1, 1.0, 2.0)),
+        ('loss.name', 'cross_entropy+dice'),
+        ('loss.normalization', 'sum'),
+        ('model.aux_head', True),
+    ]:
+        changed = default.get_config()
+        section, key = field.split('.')
+        changed[section][key] = value
+        assert not skip_ablation.loss_is_plain_cross_entropy(changed), field
+    # The shapes_fine U-Net recipe trains on the border map, its FCN on cross-entropy.
+    assert not skip_ablation.loss_is_plain_cross_entropy(skip_ablation_shapes.get_config('unet'))
+    assert skip_ablation.loss_is_plain_cross_entropy(skip_ablation_shapes.get_config('fcn'))
 
 
 def _run(mean_iou, boundary_iou, collapsed=None, never=()):
