@@ -53,8 +53,10 @@ from configs import default, shapes_fcn8s, shapes_unet
 
 # Each family's base model and optimiser: the `make demo` config of that model.
 FAMILY_RECIPES = {'unet': shapes_unet, 'fcn': shapes_fcn8s}
-# Train steps per family (see the docstring for how they were chosen).
+# Train steps per family, and per variant where its curve flattens later (see the
+# docstring for how they were chosen).
 STEPS = {'unet': 400, 'fcn': 600}
+VARIANT_STEPS = {'unet': {'none': 800}, 'fcn': {}}
 LEARNING_RATES = {'unet': 3e-3, 'fcn': 1e-3}
 
 
@@ -81,6 +83,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # frequencies, w0 = 10, sigma = 5 px) on each crop.
         config.input.border_weights = True
     config.num_train_steps = STEPS[family]
+    config.variant_train_steps = ml_collections.ConfigDict(VARIANT_STEPS[family])
     config.log_every_steps = 50
     # The U-Net runs are scored once, at the end; the FCN runs also at 1/3 and 2/3 of the
     # budget, so that every run's learning curve shows whether it has flattened.
@@ -88,4 +91,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = STEPS[family]
     if 'runlocal' in parts:
         default.apply_runlocal(config)
+        config.variant_train_steps = ml_collections.ConfigDict()
     return config

@@ -43,7 +43,8 @@ On `shapes_fine` (budgets and results: docs/replication.md):
 
 On real data, point `--config` at another config of the same family (e.g.
 `--config=configs/fcn_voc.py:8s --config.init_from=...`); `--steps` overrides
-`num_train_steps` and `--variants=32s,8s` limits the variants.
+`num_train_steps` and the per-variant budgets (`config.variant_train_steps`), and
+`--variants=32s,8s` limits the variants.
 """
 
 import json
@@ -68,7 +69,9 @@ config_files.define_config_flag(help_string='Base config of the sweep (a file or
 flags.DEFINE_enum('family', None, ['fcn', 'unet'], 'Model family whose skips are ablated.')
 flags.DEFINE_list('seeds', ['0', '1', '2', '3', '4'], 'Seeds (config.seed) of each variant.')
 flags.DEFINE_string('output', None, 'Directory for runs/, results.md, .png and .json.')
-flags.DEFINE_integer('steps', None, 'Overrides config.num_train_steps when given.')
+flags.DEFINE_integer(
+    'steps', None, 'Overrides config.num_train_steps (and every variant_train_steps) when given.'
+)
 flags.DEFINE_list('variants', None, 'Subset of the variants to run (default: all).')
 
 # The headline metrics: mean, std, 95% interval and paired difference to the full model.
@@ -212,13 +215,26 @@ def interval(values: Sequence[float], confidence: float = CONFIDENCE) -> dict[st
     return {'n': n, 'mean': mean, 'std': std, 'ci': quantile * std / math.sqrt(n)}
 
 
+def variant_train_steps(config: ml_collections.ConfigDict, name: str) -> int:
+    """The train steps of variant `name`.
+
+    `config.variant_train_steps[name]` where the config gives one (a variant whose learning
+    curve flattens later than the others', such as a U-Net without skips), else
+    `config.num_train_steps`.
+    """
+    budgets = config.get('variant_train_steps') or {}
+    return int(budgets.get(name, config.num_train_steps))
+
+
 def _run(config, name, variant, seed, output) -> dict[str, Any]:
     """Trains (or reuses) one run and returns its metrics, wall time, loss and flags."""
     workdir = os.path.join(output, 'runs', f'{name}_seed{seed}')
-    report = _finished_report(workdir, config.num_train_steps)
+    steps = variant_train_steps(config, name)
+    report = _finished_report(workdir, steps)
     if report is None:
         run_config = config.copy_and_resolve_references()
         run_config.seed = seed
+        run_config.num_train_steps = steps
         run_config.model.skip_strides, run_config.model.merge = variant
         report = train.train_and_evaluate(run_config, workdir)['eval']
     else:
@@ -258,7 +274,8 @@ def run_sweep(
     """Trains every (variant, seed) run and writes results.md, results.png and results.json.
 
     Args:
-      config: the base config; only `seed`, `model.skip_strides` and `model.merge` change.
+      config: the base config; only `seed`, `model.skip_strides`, `model.merge` and, for a
+        variant in `config.variant_train_steps`, `num_train_steps` change.
       family: 'fcn' or 'unet' (must match `config.model.name`).
       seeds: values of `config.seed`.
       output: directory for `runs/` and the results files.
@@ -268,11 +285,11 @@ def run_sweep(
       The content of results.json: `family`, `model`, `dataset`, `seeds`,
       `num_train_steps`, `reference` (the variant of the paired differences, or None when
       it is not in the sweep), `confidence` and `variants`: name -> `skip_strides`,
-      `merge`, `runs` (seed -> metrics, `seconds`, `train_loss`, `collapsed` (None or the
-      reason), `never_predicted`), `stats` (metric -> `interval` over the runs that did
-      not collapse), `paired` (metric -> `interval` of the per-seed differences to the
-      reference, over the seeds where neither collapsed), `mean` and `std` (metric ->
-      value, from `stats`).
+      `merge`, `num_train_steps`, `runs` (seed -> metrics, `seconds`, `train_loss`,
+      `collapsed` (None or the reason), `never_predicted`), `stats` (metric -> `interval`
+      over the runs that did not collapse), `paired` (metric -> `interval` of the per-seed
+      differences to the reference, over the seeds where neither collapsed), `mean` and
+      `std` (metric -> value, from `stats`).
 
     Raises:
       ValueError: an unknown variant name or a config of another family.
@@ -297,6 +314,7 @@ def run_sweep(
         results['variants'][name] = {
             'skip_strides': list(available[name][0]),
             'merge': available[name][1],
+            'num_train_steps': variant_train_steps(config, name),
             'runs': {
                 str(seed): _run(config, name, available[name], seed, output) for seed in seeds
             },
@@ -394,8 +412,8 @@ def markdown_table(results: Mapping[str, Any]) -> str:
     reference = results['reference']
     percent = round(100 * results['confidence'])
     lines = [
-        f'{results["model"]} on {results.get("dataset", "?")}, {results["num_train_steps"]} '
-        f'steps, seeds {seeds}: mean ± sample std over the runs that did not collapse ({percent}% '
+        f'{results["model"]} on {results.get("dataset", "?")}, {_budgets(results)}, '
+        f'seeds {seeds}: mean ± sample std over the runs that did not collapse ({percent}% '
         f'CI: Student t)'
         + (f'; Δ: paired difference to `{reference}` over the same seeds.' if reference else '.'),
         '',
@@ -509,10 +527,20 @@ def plot_results(results: Mapping[str, Any], path: str) -> None:
         axes.set_title(f'{title}: seeds (o; x collapsed), mean ± 95% CI')
         axes.grid(axis='y', alpha=0.3)
     figure.suptitle(
-        f'{results["model"]} skip ablation ({len(results["seeds"])} seeds, '
-        f'{results["num_train_steps"]} steps)'
+        f'{results["model"]} skip ablation ({len(results["seeds"])} seeds, {_budgets(results)})'
     )
     figure.savefig(path, dpi=100)
+
+
+def _budgets(results: Mapping[str, Any]) -> str:
+    """'400 steps', or '400 steps (none: 800)' when a variant has its own budget."""
+    base = results['num_train_steps']
+    own = [
+        f'{name}: {variant["num_train_steps"]}'
+        for name, variant in results['variants'].items()
+        if variant.get('num_train_steps', base) != base
+    ]
+    return f'{base} steps' + (f' ({", ".join(own)})' if own else '')
 
 
 def main(argv: list[str]) -> None:
@@ -524,8 +552,10 @@ def main(argv: list[str]) -> None:
     # compilation cache every seed after the first loads the compiled steps instead of
     # compiling them again (about 10 s per run on 2 CPU cores).
     jax.config.update('jax_compilation_cache_dir', os.path.join(FLAGS.output, 'jit_cache'))
-    if FLAGS.steps is not None:
+    if FLAGS.steps is not None:  # One budget for every variant.
         config.num_train_steps = FLAGS.steps
+        if 'variant_train_steps' in config:
+            config.variant_train_steps = ml_collections.ConfigDict()
     start = time.time()
     results = run_sweep(
         config,

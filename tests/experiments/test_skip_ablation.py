@@ -184,6 +184,36 @@ def test_paired_differences_leave_out_collapsed_runs():
     assert 'collapsed: predicts a single class' in per_run[0]
 
 
+def test_a_variant_trains_for_its_own_budget(tmp_path, monkeypatch):
+    """`config.variant_train_steps` gives one variant a longer run; the tables say so."""
+    config = skip_ablation_shapes.get_config('unet,runlocal')
+    config.num_train_steps = 3
+    config.variant_train_steps = {'none': 7}
+    assert skip_ablation.variant_train_steps(config, 'none') == 7
+    assert skip_ablation.variant_train_steps(config, 'full') == 3
+    trained = {}
+
+    def fake_training(run_config, workdir):
+        trained[os.path.basename(workdir)] = run_config.num_train_steps
+        os.makedirs(workdir)
+        with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
+            f.write(json.dumps({'step': 1, 'train/loss': 0.25}) + '\n')
+        report = dict.fromkeys(skip_ablation.COLUMNS, 0.5)
+        confusion = [[5, 1, 0, 0], [1, 5, 0, 0], [0, 0, 5, 1], [0, 0, 1, 5]]
+        return {'eval': report | {'confusion_matrix': confusion, 'class_names': list('abcd')}}
+
+    monkeypatch.setattr(train, 'train_and_evaluate', fake_training)
+    results = skip_ablation.run_sweep(config, 'unet', [0], str(tmp_path), ['full', 'none'])
+    assert trained == {'full_seed0': 3, 'none_seed0': 7}
+    assert results['num_train_steps'] == 3
+    assert [v['num_train_steps'] for v in results['variants'].values()] == [3, 7]
+    with open(os.path.join(tmp_path, 'results.md')) as f:
+        assert f.readline().startswith('unet on shapes_fine, 3 steps (none: 7), seeds 0:')
+    # The runlocal smoke config trains every variant for its few steps.
+    assert not skip_ablation_shapes.get_config('unet,runlocal').variant_train_steps
+    assert skip_ablation_shapes.get_config('unet').variant_train_steps.to_dict() == {'none': 800}
+
+
 @pytest.mark.slow
 def test_sweep_writes_tables_plot_and_reuses_runs(base_config, tmp_path, monkeypatch):
     output = str(tmp_path)
