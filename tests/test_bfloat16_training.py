@@ -72,15 +72,17 @@ def relative_error(got, want) -> float:
 #     loss difference <= 2.7% (mostly < 1%), loss 1.18 -> 0.98. Train-mode BatchNorm makes
 #     this deep, 4-channel-wide ResNet chaotic at init (errors grow ~20% per block), hence
 #     the batch of 8: with 2 x 64 px the curves drift apart by up to 6%.
-#   fcn8s_vgg16, 2 x 32 px, Adam 3e-3: logit error 0 (zero-initialised score layers) /
-#     0.005 (trained); per-step loss difference <= 1.6%, loss 1.099 -> 1.042.
+#   fcn8s_vgg16, 2 x 32 px, Adam 1e-3: logit error 0 (zero-initialised score layers) /
+#     0.003 (trained); per-step loss difference <= 0.9%, loss 1.099 -> 1.056 (float32) and
+#     1.066 (bfloat16). At 3e-3, with fc6/fc7 at their full-width gain (`vgg.fc_init_std`),
+#     this 8-step run oscillates and the bfloat16 loss ends above its start.
 # Float32 on both sides gives identical logits (error 0): the lower bound on the logit error
 # fails if the bfloat16 path ever silently computes in float32.
 @pytest.mark.parametrize(
     ('name', 'batch_size', 'size', 'learning_rate', 'loss_rtol'),
     [
         pytest.param('fcn_resnet50', 8, 32, 1e-3, 0.08, marks=pytest.mark.slow),
-        ('fcn8s_vgg16', 2, 32, 3e-3, 0.05),
+        ('fcn8s_vgg16', 2, 32, 1e-3, 0.05),
     ],
 )
 def test_bfloat16_training_tracks_float32(name, batch_size, size, learning_rate, loss_rtol):
