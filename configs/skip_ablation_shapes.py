@@ -16,7 +16,8 @@ in mean IoU, Boundary IoU and the trimap metrics. The argument picks the family,
   the thin bars and the stars from being ignored.
 * `fcn`: FCN-8s (VGG16, conv1_1 padded by 100, fc6 as a 7x7 conv) at 1/16 width, no
   dropout, learnable x2 upsamplers (the final x8/x16/x32 one frozen at bilinear, as in the
-  reference), trained from scratch with Adam 1e-3 and a cosine schedule.
+  reference), trained from scratch on plain cross-entropy with Adam 1e-3 and a cosine
+  schedule.
 
 Neither is the papers' recipe, which cannot train here: the FCN paper fine-tunes an
 ImageNet VGG16 with SGD (momentum 0.99, lr 1e-10 on the summed loss) and the VGG16 has no
@@ -26,19 +27,20 @@ for days with SGD (momentum 0.99). Both train on random 128 px crops of the 256 
 (whole images would cost 3 to 4 times more per step) with flips, global batch 8, and are
 scored on the whole 256 px validation images (100).
 
-Budgets (`STEPS`) come from learning curves (validation metrics every 100 steps, seed 0,
-the coarsest variant of each family and the full U-Net; docs/replication.md lists them)
-and from the sweeps' time limit of about an hour on 2 CPU cores for both families:
+Budgets (`STEPS`, and `VARIANT_STEPS` for a variant that flattens later) come from
+learning curves (docs/replication.md lists them) and from the sweeps' time limit of about
+an hour on 2 CPU cores for both families:
 
-* U-Net, 400 steps: `full` gains 0.004 mean IoU from step 300 to 400 (0.943 -> 0.947);
-  `none` is still rising at 400 (0.480 -> 0.522), and a longer run on 96 px crops sat at
-  0.45 for 300 steps before jumping to 0.63, so its row is a lower bound. In the 5-seed
-  sweep, 4 of 15 runs had a class (bars or stars) fail to train in 400 steps and were left
-  out; a clean table likely needs about 800 steps (not measured).
-* FCN, 600 steps: FCN-32s, in a 1,200-step run, reaches 0.554 mean IoU at step 600 and
-  flattens at 0.572 from step 900; 1,000 steps for 15 runs would take the FCN sweep alone
-  past an hour, so the FCN rows are short of convergence: the sweep's 600-step FCN-32s
-  (seed 0) ends at 0.509.
+* U-Net, 400 steps: `full` gains 0.004 mean IoU from step 300 to 400 in a 400-step run
+  (on plain cross-entropy; on the border map its 5 seeds end at the same 0.94).
+  `none` trains 800 steps: in an 800-step run (seed 0, validation every 100 steps) it
+  sits near 0.42 for 300 steps, jumps to 0.66 when it starts to predict stars and bars,
+  and flattens from step 600 (0.688, 0.690, 0.693); a 400-step run ends 0.10 lower.
+  `no_s1` has the full model's budget (its curve is not measured).
+* FCN, 600 steps: every FCN run also evaluates at 200 and 400 steps. FCN-32s, the slowest
+  variant, averages 0.329, 0.475 and 0.504 mean IoU over its 5 seeds at 200, 400 and 600
+  steps: most of its gain is in, but it is still rising slowly, so its row is a lower
+  bound; a longer budget would take the FCN sweep past its share of the hour.
 
     python -m experiments.skip_ablation --family=fcn --config=configs/skip_ablation_shapes.py:fcn \
         --variants=32s,16s,8s --seeds=0,1,2,3,4 --output=workdirs/ablation_fcn
