@@ -37,8 +37,8 @@ def fc_init_std(width: float) -> float:
     torchvision's N(0, 0.01) sets each layer's gain (std x sqrt(fan-in): 1.58 for fc6's
     7 x 7 x 512 inputs, 0.64 for fc7's 4,096) at the paper's widths. Both fan-ins scale
     with `width`, so the std grows by 1 / sqrt(width) to keep those gains: with a fixed
-    0.01, a 1/16-width FCN-32s starts with fc7 outputs 16 times weaker than at full width
-    and learns far more slowly than its skip variants, whose scores bypass fc6/fc7.
+    0.01, a 1/16-width FCN starts with fc7 outputs 16 times weaker than at full width, and
+    FCN-32s, all of whose scores pass through fc7, trains more slowly.
     """
     return FC_INIT_STD / width**0.5
 
