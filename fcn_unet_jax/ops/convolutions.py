@@ -30,7 +30,8 @@ from fcn_unet_jax.ops import kernel_gradient, platform, winograd
 from fcn_unet_jax.ops.switch import uses_plain_ops
 
 Array = jax.Array
-_DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
+# The layouts of every convolution here and in `upsampling.py`: flax's NHWC images, HWIO kernels.
+DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
 
 
 def _is_zero_padding(padding: Any) -> bool:
@@ -43,14 +44,15 @@ def _is_zero_padding(padding: Any) -> bool:
     return all(lo == 0 and hi == 0 for lo, hi in pairs)
 
 
-def _lax_conv(x, kernel, strides, padding, dilation, precision):
+def lax_conv(x, kernel, strides, padding, dilation, precision):
+    """XLA's convolution in `DIMENSION_NUMBERS` layout: the plain op every rewrite matches."""
     return jax.lax.conv_general_dilated(
         x,
         kernel,
         strides,
         padding,
         rhs_dilation=dilation,
-        dimension_numbers=_DIMENSION_NUMBERS,
+        dimension_numbers=DIMENSION_NUMBERS,
         precision=precision,
     )
 
@@ -120,7 +122,7 @@ def input_grad_by_phases(dy, kernel, input_shape, strides, padding, dilation, pr
                     (1, 1),
                     'VALID',
                     rhs_dilation=(dilation_h, dilation_w),
-                    dimension_numbers=_DIMENSION_NUMBERS,
+                    dimension_numbers=DIMENSION_NUMBERS,
                     precision=precision,
                 )
             )
@@ -151,16 +153,16 @@ def conv2d(x, kernel, strides, padding, dilation, precision=None):
       dilation: kernel dilation (dh, dw).
       precision: conv / matmul precision.
     """
-    return _lax_conv(x, kernel, strides, padding, dilation, precision)
+    return lax_conv(x, kernel, strides, padding, dilation, precision)
 
 
 def _conv2d_fwd(x, kernel, strides, padding, dilation, precision):
-    return _lax_conv(x, kernel, strides, padding, dilation, precision), (x, kernel)
+    return lax_conv(x, kernel, strides, padding, dilation, precision), (x, kernel)
 
 
 def _conv2d_bwd(strides, padding, dilation, precision, residuals, dy):
     def conv(x_, kernel_):
-        return _lax_conv(x_, kernel_, strides, padding, dilation, precision)
+        return lax_conv(x_, kernel_, strides, padding, dilation, precision)
 
     def rewritten_on_cpu(x, kernel, dy):
         if strides == (1, 1):
@@ -230,7 +232,7 @@ def _pointwise_conv_fwd(x, kernel, strides, precision):
         return jax.lax.dot_general(taken, matrix, (((3,), (0,)), ((), ())), precision=precision)
 
     def convolution(taken, matrix, x, kernel):
-        return _lax_conv(x, kernel, strides, ((0, 0), (0, 0)), (1, 1), precision)
+        return lax_conv(x, kernel, strides, ((0, 0), (0, 0)), (1, 1), precision)
 
     y = platform.on_cpu(product, convolution, taken, matrix, x, kernel)
     return y, (taken, matrix, x, kernel)
@@ -239,7 +241,7 @@ def _pointwise_conv_fwd(x, kernel, strides, precision):
 def _pointwise_conv_bwd(strides, precision, residuals, dy):
     def by_xla(taken, matrix, x, kernel, dy):
         conv = functools.partial(
-            _lax_conv,
+            lax_conv,
             strides=strides,
             padding=((0, 0), (0, 0)),
             dilation=(1, 1),
@@ -302,7 +304,7 @@ def _explicit_padding(padding: Any, spatial_shape, kernel_size, strides, dilatio
     return pairs
 
 
-def _conv_taps(x, kernel, strides, padding, dilation, precision) -> Array:
+def conv_taps(x, kernel, strides, padding, dilation, precision) -> Array:
     """A convolution with a kernel larger than 1x1: Winograd's on CPU where it pays."""
     winograd_fits = (
         kernel.shape[:2] == (3, 3)
@@ -374,7 +376,7 @@ class Conv(nn.Conv):
         if plan == 'pointwise':
             y = pointwise_conv(inputs, kernel, strides, self.precision)
         else:
-            y = _conv_taps(
+            y = conv_taps(
                 inputs, kernel, strides, padding, _pair(self.kernel_dilation), self.precision
             )
         return y if bias is None else y + bias

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from fcn_unet_jax.ops import platform
-from fcn_unet_jax.ops.convolutions import _DIMENSION_NUMBERS, Conv, _conv_taps, _lax_conv, conv2d
+from fcn_unet_jax.ops.convolutions import DIMENSION_NUMBERS, Conv, conv2d, conv_taps, lax_conv
 from fcn_unet_jax.ops.switch import uses_plain_ops
 
 Array = jax.Array
@@ -76,7 +76,7 @@ def upsample_transposed(x: Array, kernel: Array, factor: int) -> Array:
 def _transposed_by_xla(x: Array, kernel: Array, factor: int) -> Array:
     f = factor
     return jax.lax.conv_transpose(
-        x, kernel, (f, f), 'VALID', dimension_numbers=_DIMENSION_NUMBERS, transpose_kernel=True
+        x, kernel, (f, f), 'VALID', dimension_numbers=DIMENSION_NUMBERS, transpose_kernel=True
     )
 
 
@@ -91,7 +91,7 @@ def _upsample_subpixel(x: Array, kernel: Array, factor: int) -> Array:
         taps,
         (1, 1),
         'VALID',
-        dimension_numbers=_DIMENSION_NUMBERS,
+        dimension_numbers=DIMENSION_NUMBERS,
     )
     return depth_to_space(y, f)
 
@@ -243,12 +243,12 @@ class UpsampledConcatConv(Conv):
 
         def conv_of_concatenation(inputs, kernel, *skip):
             merged = jnp.concatenate([upsample_nearest2x(inputs), *skip], axis=-1)
-            return _lax_conv(merged, kernel, (1, 1), ((1, 1), (1, 1)), (1, 1), precision)
+            return lax_conv(merged, kernel, (1, 1), ((1, 1), (1, 1)), (1, 1), precision)
 
         def split(inputs, kernel, *skip):
             y = conv3x3_of_upsampled(inputs, kernel[:, :, :up_channels], precision)
             if skip:
-                y = y + _conv_taps(
+                y = y + conv_taps(
                     skip[0], kernel[:, :, up_channels:], (1, 1), ((1, 1), (1, 1)), (1, 1), precision
                 )
             return y
