@@ -14,12 +14,16 @@ on random float32 inputs:
     python -m benchmarks.conv_benchmark [--batch_size=4] [--repeats=3] [--table=decoder ...]
 
 Prints a Markdown table with the speed-up of each and whether `winograd.pays` takes the
-transformed form for inference and for training. Two more tables follow:
+transformed form for inference and for training. More tables follow:
 
 * the kernel gradient of padded stride-1 3x3 convolutions as XLA forms it (padding inside
   the convolution), over the padded input, and as the convolution of the output gradient
   with the padded input as its window (`ops/kernel_gradient.py`; `kernel_grad` takes the
   latter on CPU where the last column says so);
+* thin 3x3 convolutions (the skip ablation's narrow FCN and U-Net) directly and over 2x2
+  pixel blocks (`ops/space_to_depth.py`), forward and with both gradients;
+* the input gradient of VALID convolutions with a small output (FCN's fc6) as XLA forms it
+  and tap by tap (`convolutions.input_grad_by_taps`);
 * the first conv of the smp-style U-Net decoder blocks (U-Net-ResNet50 at 320 px): the
   3x3 conv of `concat([upsample_nearest2x(x), skip])` (`convolutions.Conv`) against
   `upsampling.UpsampledConcatConv`, forward and forward with both gradients.
@@ -40,7 +44,7 @@ from fcn_unet_jax import xla_options
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('batch_size', 4, 'Batch size.')
 flags.DEFINE_integer('repeats', 3, 'Timed runs per measurement (the best is reported).')
-TABLES = ('winograd', 'kernel_gradient', 'decoder')
+TABLES = ('winograd', 'kernel_gradient', 'decoder', 'space_to_depth', 'valid_input_gradient')
 flags.DEFINE_multi_enum('table', list(TABLES), TABLES, 'Tables to measure (default: all).')
 
 # (where it occurs, map side, in channels, out channels, dilation) at 320 px input.
@@ -72,6 +76,34 @@ KERNEL_GRADIENT_LAYERS = [
     (40, 512, 128),
     (160, 64, 32),
     (40, 1024, 256),
+]
+# Thin 3x3 convs: (where, input map side, in channels, out channels, padding). The
+# narrow models of the skip ablation (configs/skip_ablation_shapes.py: 128 px crops,
+# batch 8) and the map sizes and channel counts where the blocks stop paying
+# (`space_to_depth.MAX_CHANNELS`, `MIN_MAP_POSITIONS`).
+THIN_LAYERS = [
+    ('FCN 1/16 conv1_1 (pad 100)', 128, 3, 4, 100),
+    ('FCN 1/16 conv1_2', 326, 4, 4, 1),
+    ('FCN 1/16 conv2_1', 163, 4, 8, 1),
+    ('FCN 1/16 conv2_2', 163, 8, 8, 1),
+    ('FCN 1/16 conv3_1', 82, 8, 16, 1),
+    ('FCN 1/16 conv3_2', 82, 16, 16, 1),
+    ('U-Net 1/8 conv1', 128, 3, 8, 1),
+    ('U-Net 1/8 conv2', 128, 8, 8, 1),
+    ('U-Net 1/8 down1', 64, 8, 16, 1),
+    ('VGG16 conv1_1 (pad 100)', 128, 3, 64, 100),
+    ('map size', 64, 4, 4, 1),
+    ('map size', 96, 4, 4, 1),
+    ('map size', 96, 8, 8, 1),
+]
+# VALID convolutions with a small output (FCN's fc6, 7x7): (where, input map side, in
+# channels, out channels, kernel side), for their input gradient.
+VALID_LAYERS = [
+    ('FCN 1/16 fc6, 128 px crops', 11, 32, 256, 7),
+    ('FCN 1/16 fc6, 256 px images', 17, 32, 256, 7),
+    ('FCN 1/4 fc6, 320 px crops', 16, 128, 1024, 7),
+    ('output at half the input', 20, 32, 256, 7),
+    ('classic U-Net 3x3 (not taken)', 64, 64, 64, 3),
 ]
 # U-Net-ResNet50's decoder blocks at 320 px: (input map side, input channels, skip
 # channels, output channels); the input is upsampled x2 and concatenated with the skip.
@@ -109,6 +141,10 @@ def main(argv):
         _kernel_gradient_table(rng)
     if 'decoder' in FLAGS.table:
         _decoder_table(rng)
+    if 'space_to_depth' in FLAGS.table:
+        _space_to_depth_table(rng)
+    if 'valid_input_gradient' in FLAGS.table:
+        _valid_input_gradient_table(rng)
 
 
 def _winograd_table(rng) -> None:
@@ -253,6 +289,86 @@ def _decoder_table(rng) -> None:
         print(
             f'| | {side} x {side} | {c_in} + {c_skip} -> {c_out} '
             f'| {1e3 * cf:.0f} / {1e3 * ct:.0f} | {1e3 * sf:.0f} / {1e3 * st:.0f} |',
+            flush=True,
+        )
+
+
+def _space_to_depth_table(rng) -> None:
+    import jax
+    import jax.numpy as jnp
+
+    from fcn_unet_jax.ops import convolutions, space_to_depth
+
+    print(
+        '\n| thin 3x3 conv | input map | channels | direct fwd / train ms '
+        '| 2x2 blocks fwd / train ms | speed-up fwd / train | blocks taken |'
+    )
+    print('| --- | --- | --- | --- | --- | --- | --- |')
+    for name, side, c_in, c_out, pad in THIN_LAYERS:
+        x = jnp.asarray(rng.normal(size=(FLAGS.batch_size, side, side, c_in)), jnp.float32)
+        kernel = jnp.asarray(rng.normal(size=(3, 3, c_in, c_out)) * 0.1, jnp.float32)
+        padding = ((pad, pad), (pad, pad))
+        out_side = side + 2 * pad - 2
+        dy = jnp.asarray(
+            rng.normal(size=(FLAGS.batch_size, out_side, out_side, c_out)), jnp.float32
+        )
+
+        def direct(x, k, padding=padding):
+            # The path a thin conv took before: `conv2d`, with its CPU kernel gradient.
+            return convolutions.conv2d(x, k, (1, 1), padding, (1, 1))
+
+        def blocks(x, k, padding=padding):
+            return space_to_depth.conv3x3(x, k, padding)
+
+        times = []
+        for conv in (direct, blocks):
+
+            def train(x, k, dy, conv=conv):
+                return jax.grad(lambda x, k: jnp.vdot(conv(x, k), dy), argnums=(0, 1))(x, k)
+
+            times.append((_measure(conv, x, kernel)[0], _measure(train, x, kernel, dy)[0]))
+        (df, dt), (bf, bt) = times
+        print(
+            f'| {name} | {side} x {side} | {c_in} -> {c_out} '
+            f'| {1e3 * df:.1f} / {1e3 * dt:.1f} | {1e3 * bf:.1f} / {1e3 * bt:.1f} '
+            f'| {df / bf:.2f} / {dt / bt:.2f} '
+            f'| {space_to_depth.pays(c_in, c_out, (side, side))} |',
+            flush=True,
+        )
+
+
+def _valid_input_gradient_table(rng) -> None:
+    import jax
+    import jax.numpy as jnp
+
+    from fcn_unet_jax.ops import convolutions
+
+    print(
+        '\n| VALID conv input gradient | input map | channels | kernel | XLA ms '
+        '| tap by tap ms | speed-up | taken |'
+    )
+    print('| --- | --- | --- | --- | --- | --- | --- | --- |')
+    for name, side, c_in, c_out, k in VALID_LAYERS:
+        x = jnp.asarray(rng.normal(size=(FLAGS.batch_size, side, side, c_in)), jnp.float32)
+        kernel = jnp.asarray(rng.normal(size=(k, k, c_in, c_out)) * 0.05, jnp.float32)
+        out = side - k + 1
+        dy = jnp.asarray(rng.normal(size=(FLAGS.batch_size, out, out, c_out)), jnp.float32)
+
+        def by_xla(x, kernel, dy):
+            def conv(x):
+                return convolutions.lax_conv(x, kernel, (1, 1), 'VALID', (1, 1), None)
+
+            return jax.vjp(conv, x)[1](dy)[0]
+
+        def by_taps(x, kernel, dy):
+            return convolutions.input_grad_by_taps(dy, kernel, x.shape[1:3])
+
+        xla_s, _ = _measure(by_xla, x, kernel, dy)
+        taps_s, _ = _measure(by_taps, x, kernel, dy)
+        taken = convolutions.input_grad_by_taps_pays(x.shape, dy.shape, ((0, 0), (0, 0)), (1, 1))
+        print(
+            f'| {name} | {side} x {side} | {c_in} -> {c_out} | {k} x {k} '
+            f'| {1e3 * xla_s:.1f} | {1e3 * taps_s:.1f} | {xla_s / taps_s:.2f} | {taken} |',
             flush=True,
         )
 

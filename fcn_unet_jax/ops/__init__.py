@@ -17,11 +17,17 @@ On CPU (elsewhere: the plain op in brackets):
     [`nn.Conv`'s convolution and JAX's gradient].
   - 3x3, stride 1, float32, wide enough (`winograd.pays`): Winograd's minimal filtering
     (`winograd.py`), forward and, where it pays in training, backward [XLA's convolution].
+  - 3x3, stride 1, float32, thin channels over a large map (`space_to_depth.pays`): a 3x3
+    convolution of 2x2 pixel blocks with 4x the channels (`space_to_depth.py`), forward
+    and backward [XLA's convolution].
   - other stride-1 kernels: XLA's convolution, its kernel gradient taken over the padded
     input, in the swapped form for convolutions that narrow their channels
     (`kernel_gradient.py`) [XLA's gradient].
   - strided: XLA's convolution, its input gradient computed phase by phase
     (`convolutions.input_grad_by_phases`) [XLA's gradient].
+  - VALID stride-1 with an output of at most half the input's positions (FCN's fc6): the
+    input gradient as one matrix product with every tap and shifted sums
+    (`convolutions.input_grad_by_taps`) [XLA's gradient].
   - anything else (groups, masks, input dilation, circular padding): `nn.Conv` everywhere.
 * `ConvTranspose` (`upsampling.py`, as the next two): with kernel size = stride (the
   U-Net's up-convolution), a matrix product and `depth_to_space` [`lax.conv_transpose`,

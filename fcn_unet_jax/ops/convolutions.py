@@ -10,12 +10,14 @@ shapes, initialisers and dtype handling (so checkpoints and imported weights are
 unaffected), and fall back to flax for every configuration they do not cover.
 
 Every rewrite here was measured on XLA:CPU and runs there only (`platform.py`): 1x1 convs
-as matrix products, Winograd's 3x3 convolution (`winograd.py`), the phase-wise input
-gradient of strided convs and the kernel gradient of stride-1 convs over the padded input
-(`kernel_gradient.py`); the upsampling layers are in `upsampling.py`. A program lowered
-for a GPU or TPU holds `nn.Conv`'s convolution instead, forward and backward,
-differentiated by JAX. With `plain_ops` (`switch.py`) every layer here is the plain flax
-layer on every platform. Measured speed-ups are in `docs/performance.md`.
+as matrix products, Winograd's 3x3 convolution (`winograd.py`), thin 3x3 convolutions over
+2x2 pixel blocks (`space_to_depth.py`), the phase-wise input gradient of strided convs, the
+tap-wise input gradient of VALID convs with small outputs (FCN's fc6), and the kernel
+gradient of stride-1 convs over the padded input (`kernel_gradient.py`); the upsampling
+layers are in `upsampling.py`. A program lowered for a GPU or TPU holds `nn.Conv`'s
+convolution instead, forward and backward, differentiated by JAX. With `plain_ops`
+(`switch.py`) every layer here is the plain flax layer on every platform. Measured
+speed-ups are in `docs/performance.md`.
 """
 
 import functools
@@ -26,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fcn_unet_jax.ops import kernel_gradient, platform, winograd
+from fcn_unet_jax.ops import kernel_gradient, platform, space_to_depth, winograd, xla_cpu
 from fcn_unet_jax.ops.switch import uses_plain_ops
 
 Array = jax.Array
@@ -132,18 +134,76 @@ def input_grad_by_phases(dy, kernel, input_shape, strides, padding, dilation, pr
     return dx[:, : input_shape[0], : input_shape[1]]
 
 
+# A VALID stride-1 convolution's input gradient is one matrix product and a sum of shifted
+# slices (`input_grad_by_taps`) once its output has at most this share of the input's
+# positions: XLA convolves the full kernel over the output gradient zero-padded to the
+# input's size, work in proportion to the input's positions rather than the output's
+# (FCN's fc6, a 7x7 VALID conv: 8 x 11 x 11 x 32 -> 5 x 5 x 256 47 -> 2 ms; 16 x 16 x 128 ->
+# 10 x 10 x 1024 90 -> 40 ms). Convolutions whose output is nearly the input's size keep
+# XLA's gradient, which never forms the kh x kw times larger product.
+MAX_OUTPUT_SHARE_BY_TAPS = 0.5
+
+
+def input_grad_by_taps(dy, kernel, input_shape, precision=None):
+    """The input gradient of a VALID, stride-1, undilated convolution, tap by tap.
+
+    Input pixel (i + t, j + u) receives dy[i, j] @ kernel[t, u]^T through tap (t, u): one
+    matrix product of `dy` with every tap at once ([N, H', W', out] @ [out, kh kw in]),
+    then each tap's slice added at its offset. The product does the forward pass's
+    multiply-adds once.
+
+    Args:
+      dy: NHWC gradient of the convolution's output.
+      kernel: (kh, kw, in, out) kernel.
+      input_shape: the convolution input's (height, width).
+      precision: matmul precision.
+
+    Returns:
+      The input gradient, [N, height, width, in].
+    """
+    kh, kw = kernel.shape[:2]
+    _, out_h, out_w, _ = dy.shape
+    per_tap = jnp.einsum('nhwo,tuio->nhwtui', dy, kernel.astype(dy.dtype), precision=precision)
+
+    def shifted_sum(values, axis, size):
+        """The sum over tap t (axis 3) of values[:, :, :, t] shifted by t along `axis`,
+        padded to `size`."""
+        zero, total = jnp.zeros((), values.dtype), None
+        for t in range(values.shape[3]):
+            config = [(0, 0, 0)] * (values.ndim - 1)
+            config[axis] = (t, size - values.shape[axis] - t, 0)
+            placed = jax.lax.pad(values[:, :, :, t], zero, config)
+            total = placed if total is None else total + placed
+        # Computed once: fused into its consumer (the next sum, a max pooling's gradient),
+        # the sum of shifted slices would be recomputed for every element it reads.
+        return xla_cpu.materialize_in_cpu_rule(total)
+
+    # Rows, then columns: kh + kw shifted slices per element rather than kh x kw.
+    by_rows = shifted_sum(per_tap, 1, input_shape[0])  # [N, H, W', kw, in]
+    return shifted_sum(by_rows, 2, input_shape[1])
+
+
+def input_grad_by_taps_pays(x_shape, dy_shape, padding, dilation) -> bool:
+    """Whether `conv2d`'s stride-1 input gradient is `input_grad_by_taps` on CPU."""
+    valid = all(v == 0 for pair in padding for v in pair) and dilation == (1, 1)
+    positions = x_shape[1] * x_shape[2]
+    return valid and dy_shape[1] * dy_shape[2] <= MAX_OUTPUT_SHARE_BY_TAPS * positions
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def conv2d(x, kernel, strides, padding, dilation, precision=None):
     """`lax.conv_general_dilated` (NHWC, HWIO) whose gradients on CPU are rewritten.
 
     On CPU, a strided convolution's input gradient is computed phase by phase
-    (`input_grad_by_phases`, a quarter of the work of XLA's for stride 2), and a stride-1
-    convolution's kernel gradient is taken over the padded input
-    (`kernel_gradient.kernel_grad`: the same convolution without padding). Strided kernel
-    gradients and stride-1 input gradients are XLA's own; on other platforms both
-    gradients are (`platform.on_cpu`). (With XLA's convolutions on Eigen, as `xla_options`
-    sets, one matrix product per kernel tap does not pay even for thin kernels over large
-    maps, such as a U-Net's class head: XLA's kernel gradient is faster there.)
+    (`input_grad_by_phases`, a quarter of the work of XLA's for stride 2), a VALID
+    stride-1 convolution's with a much smaller output than input tap by tap
+    (`input_grad_by_taps`), and a stride-1 convolution's kernel gradient is taken over the
+    padded input (`kernel_gradient.kernel_grad`: the same convolution without padding).
+    Strided kernel gradients and the other stride-1 input gradients are XLA's own; on
+    other platforms both gradients are (`platform.on_cpu`). (With XLA's convolutions on
+    Eigen, as `xla_options` sets, one matrix product per kernel tap does not pay even for
+    thin kernels over large maps, such as a U-Net's class head: XLA's kernel gradient is
+    faster there.)
 
     Args:
       x: NHWC input.
@@ -165,7 +225,10 @@ def _conv2d_bwd(strides, padding, dilation, precision, residuals, dy):
         return lax_conv(x_, kernel_, strides, padding, dilation, precision)
 
     def rewritten_on_cpu(x, kernel, dy):
-        if strides == (1, 1):
+        if strides == (1, 1) and input_grad_by_taps_pays(x.shape, dy.shape, padding, dilation):
+            dx = input_grad_by_taps(dy, kernel, x.shape[1:3], precision).astype(x.dtype)
+            dkernel = kernel_gradient.kernel_grad(x, kernel, dy, padding, dilation, precision)
+        elif strides == (1, 1):
             dx = jax.vjp(lambda x_: conv(x_, kernel), x)[1](dy)[0]
             dkernel = kernel_gradient.kernel_grad(x, kernel, dy, padding, dilation, precision)
         else:
@@ -305,13 +368,23 @@ def _explicit_padding(padding: Any, spatial_shape, kernel_size, strides, dilatio
 
 
 def conv_taps(x, kernel, strides, padding, dilation, precision) -> Array:
-    """A convolution with a kernel larger than 1x1: Winograd's on CPU where it pays."""
-    winograd_fits = (
-        kernel.shape[:2] == (3, 3)
-        and strides == (1, 1)
-        and x.dtype == jnp.float32
-        and winograd.pays(kernel.shape[2], kernel.shape[3], x.shape[1:3])
-    )
+    """A convolution with a kernel larger than 1x1: Winograd's or on 2x2 pixel blocks on
+    CPU where that pays."""
+    plain_3x3 = kernel.shape[:2] == (3, 3) and strides == (1, 1) and x.dtype == jnp.float32
+    if (
+        plain_3x3
+        and dilation == (1, 1)
+        and space_to_depth.pays(kernel.shape[2], kernel.shape[3], x.shape[1:3])
+    ):
+
+        def direct(x, kernel):
+            return conv2d(x, kernel, strides, padding, dilation, precision)
+
+        def on_blocks(x, kernel):
+            return space_to_depth.conv3x3(x, kernel, padding, precision)
+
+        return platform.cpu_rewrite(on_blocks, direct)(x, kernel)
+    winograd_fits = plain_3x3 and winograd.pays(kernel.shape[2], kernel.shape[3], x.shape[1:3])
     if not winograd_fits:
         return conv2d(x, kernel, strides, padding, dilation, precision)
     # Transformed on CPU only; `winograd.conv3x3` convolves directly elsewhere.
@@ -327,7 +400,9 @@ class Conv(nn.Conv):
       matrix product over channels (`pointwise_conv`); XLA runs it (above all its backward
       pass) several times faster than the equivalent 1x1 convolution on CPU.
     * On CPU, float32 3x3 stride-1 convs with enough channels (`winograd.pays`) run as
-      Winograd's minimal filtering (`winograd.conv3x3`, about half the multiply-adds).
+      Winograd's minimal filtering (`winograd.conv3x3`, about half the multiply-adds),
+      and thin ones over large maps (`space_to_depth.pays`) as a convolution of 2x2
+      pixel blocks with 4x the channels (`space_to_depth.conv3x3`).
     * Other kernels go through `conv2d` (phase-wise input gradients of strided convs on
       CPU).
     * Everything else (circular / reflect / causal padding, groups, input dilation,

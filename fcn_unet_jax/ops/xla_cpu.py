@@ -43,6 +43,15 @@ def _through_conditional(x: Array) -> Array:
 
 @jax.custom_vjp
 def _materialize_on_cpu(x: Array) -> Array:
+    return materialize_in_cpu_rule(x)
+
+
+def materialize_in_cpu_rule(x: Array) -> Array:
+    """`materialize` without the switch and undifferentiated, for a rule that runs on CPU.
+
+    For the CPU branch of a custom VJP's rule (`platform.on_cpu`), which is traced outside
+    the `plain_ops` block and runs only where the tuned forward pass chose it.
+    """
     return platform.on_cpu(_through_conditional, lambda v: v, x)
 
 

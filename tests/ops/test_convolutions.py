@@ -71,6 +71,10 @@ def test_pointwise_conv_equals_nn_conv_forward_and_backward(kwargs, features):
         (2, (3, 2), ((0, 0), (1, 1)), (1, 1), (11, 9), (3, 4)),
         # Narrowing, on a map large enough: the CPU's swapped kernel gradient.
         (3, (1, 1), ((1, 1), (1, 1)), (1, 1), (20, 20), (16, 4)),
+        # VALID with an output far smaller than the input (FCN's fc6): the tap-wise input
+        # gradient, on a square and a non-square map.
+        (7, (1, 1), ((0, 0), (0, 0)), (1, 1), (11, 11), (3, 5)),
+        (7, (1, 1), ((0, 0), (0, 0)), (1, 1), (9, 13), (3, 5)),
     ],
 )
 def test_conv2d_gradients_equal_xla(kernel, strides, padding, dilation, size, channels):
@@ -281,6 +285,41 @@ def test_strided_conv_takes_the_phasewise_input_gradient(strides):
 
     assert len(phase_convs(strided)) == strides[0] * strides[1]
     assert not phase_convs(strided, 'tpu') and not phase_convs(unstrided)
+
+
+@pytest.mark.parametrize(
+    ('size', 'padding', 'by_taps'),
+    [
+        (11, 'VALID', True),  # fc6 at the FCN's smallest map: 5 x 5 of 11 x 11 positions.
+        (22, 'VALID', False),  # 16 x 16 of 22 x 22: more than half the positions.
+        (11, 'SAME', False),
+    ],
+)
+def test_small_valid_outputs_take_the_tapwise_input_gradient(size, padding, by_taps):
+    conv = convolutions.Conv(8, (7, 7), padding=padding)
+    x = jax.ShapeDtypeStruct((1, size, size, 4), jnp.float32)
+    variables = jax.eval_shape(conv.init, jax.random.key(0), x)
+
+    def input_grad(variables, x):
+        return jax.grad(lambda x: conv.apply(variables, x).sum())(x)
+
+    jaxpr = jax.make_jaxpr(input_grad)(variables, x)
+    # The tap-wise gradient is a product of the output gradient with all 7 x 7 taps.
+    taps_products = [
+        e
+        for e in jaxpr_eqns(jaxpr, ('dot_general',))
+        if 7 in e.outvars[0].aval.shape and e.outvars[0].aval.ndim >= 5
+    ]
+    assert bool(taps_products) == by_taps
+    assert not jaxpr_eqns(jaxpr, ('dot_general',), platform='tpu')
+    # Either way, it is the input gradient of the convolution.
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+    params = conv.init(jax.random.key(0), x)
+    ours = jax.grad(lambda x: jnp.sum(jnp.sin(conv.apply(params, x))))(x)
+    flax_conv = flax.linen.Conv(8, (7, 7), padding=padding)
+    want = jax.grad(lambda x: jnp.sum(jnp.sin(flax_conv.apply(params, x))))(x)
+    np.testing.assert_allclose(ours, want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize('features', [3, 8])
