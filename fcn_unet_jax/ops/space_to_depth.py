@@ -14,12 +14,13 @@ blocks I - 1 .. I + 1, so the block kernel holds original tap (t, u) at block ta
 input phase (p, q) and output phase (a, b) exactly where 2 (B - 1) + p - a = t - 1 and
 2 (C - 1) + q - b = u - 1, and zero elsewhere. It does 4x the multiply-adds of the
 original (each output phase reads only 2 x 2 of the 3 x 3 block taps; the rest of the
-block kernel is zero), in matrices 16x larger, which XLA:CPU runs fast enough to win where the channels are thin and the map is
-large (`pays`; measured by `python -m benchmarks.conv_benchmark --table=space_to_depth`,
-results in `docs/performance.md`). More padding than one pixel is padded onto the input,
-less is cropped from the output, and an odd height or width gets one more zero row or
-column, cropped from the output too. The block kernel is a linear function of the kernel, so gradients flow
-to the original kernel through it.
+block kernel is zero), in matrices 16x larger, which XLA:CPU runs fast enough to win
+where the channels are thin and the map is large (`pays`; measured by
+`python -m benchmarks.conv_benchmark --table=space_to_depth`, results in
+`docs/performance.md`). More padding than one pixel is padded onto the input, less is
+cropped from the output, and an odd height or width gets one more zero row or column,
+cropped from the output too. The block kernel is a linear function of the kernel, so
+gradients flow to the original kernel through it.
 
 `convolutions.Conv` takes this form on CPU only (`platform.cpu_rewrite`), forward and
 backward; a program lowered for a GPU or TPU holds the direct convolution.
