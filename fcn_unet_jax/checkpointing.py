@@ -176,12 +176,16 @@ def _is_abandoned_read(unraisable) -> bool:
     code = getattr(unraisable.object, 'cr_code', None)
     if code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename:
         return True
+    # The closed-loop report is recognised by where it is raised (asyncio's own check),
+    # not by who called it: a read's completion reaches `call_soon_threadsafe` directly
+    # or through a wrapper, depending on how far the read had got when the loop closed.
     frames = traceback.extract_tb(unraisable.exc_traceback)
     return (
         unraisable.exc_type is RuntimeError
         and str(unraisable.exc_value) == 'Event loop is closed'
         and bool(frames)
-        and frames[0].name == 'call_soon_threadsafe'
+        and frames[-1].name == '_check_closed'
+        and frames[-1].filename.endswith(os.path.join('asyncio', 'base_events.py'))
     )
 
 

@@ -4,11 +4,14 @@ Also: a checkpoint of another model is a user error that moves nothing, the dama
 is one line, and a read-only (evaluation) manager never moves a damaged step.
 """
 
+import asyncio
+import functools
 import gc
 import os
 import pathlib
 import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -172,6 +175,42 @@ def test_a_truncated_step_is_damaged_and_the_warning_is_one_line(manager, tmp_pa
     time.sleep(0.5)
     gc.collect()
     assert not reported
+
+
+def _unraisable_from(call):
+    """What the interpreter hands its unraisable hook when `call()` raises in a callback."""
+    try:
+        call()
+    except Exception as error:  # noqa: BLE001 - the exception is the value under test.
+        return types.SimpleNamespace(
+            exc_type=type(error),
+            exc_value=error,
+            exc_traceback=error.__traceback__,
+            err_msg=None,
+            object=call,
+        )
+    raise AssertionError(f'{call} did not raise')
+
+
+@pytest.mark.parametrize('through_a_wrapper', [False, True])
+def test_late_reads_on_the_closed_loop_are_dropped_however_they_get_there(
+    monkeypatch, through_a_wrapper
+):
+    reported = []
+    monkeypatch.setattr(sys, 'unraisablehook', reported.append)
+    loop = asyncio.new_event_loop()
+    loop.close()
+    direct = functools.partial(loop.call_soon_threadsafe, print)
+    call = (lambda: direct()) if through_a_wrapper else direct  # noqa: PLW0108
+    checkpointing._quiet_abandoned_reads()
+    sys.unraisablehook(_unraisable_from(call))
+    assert not reported
+    # Anything else still reaches the previous hook, a closed loop's message included.
+    unrelated = _unraisable_from(
+        lambda: (_ for _ in ()).throw(RuntimeError('Event loop is closed'))
+    )
+    sys.unraisablehook(unrelated)
+    assert reported == [unrelated]
 
 
 def test_a_read_only_manager_leaves_damaged_steps_in_place(manager, tmp_path):
