@@ -244,6 +244,20 @@ def _override_error(argv: Sequence[str], flag_values: flags.FlagValues) -> UserE
     return None
 
 
+# absl's help flags: each prints its help and exits.
+HELP_FLAGS = ('-?', '--help', '--helpshort', '--helpfull', '--helpxml')
+
+
+def _asks_for_help(args: Sequence[str]) -> bool:
+    """Whether a command line (program name excluded) holds one of absl's help flags."""
+    for arg in args:
+        if arg == '--':  # Flag parsing stops here.
+            return False
+        if arg in HELP_FLAGS or arg.startswith(('--help=', '--helpfull=', '--helpshort=')):
+            return True
+    return False
+
+
 def parse_flags(argv: list[str], flag_values: flags.FlagValues | None = None) -> list[str]:
     """absl's flag parsing for `app.run(flags_parser=...)`, with errors as one line.
 
@@ -266,6 +280,11 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues | None = None) ->
     console.show_flags_in_help(flag_values)
     try:
         remaining = flag_values(argv)
+    except SystemExit as stop:
+        # absl exits 1 after printing the help it was asked for; asking is not a failure.
+        if stop.code == 1 and _asks_for_help(argv[1:]):
+            raise SystemExit(0) from None
+        raise
     except Exception as error:  # Flag parsing only handles the user's command line.
         user_error = _override_error(argv[1:], flag_values)
         if user_error is None:

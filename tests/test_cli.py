@@ -110,3 +110,18 @@ def test_build_data_from_another_directory(tmp_path, shapes_small_data_dir, repo
     assert process.returncode == 0, process.stderr
     assert 'shapes/small train: 1000 examples' in process.stdout
     assert 'oneDNN' not in process.stderr and 'absl::InitializeLog' not in process.stderr
+
+
+@pytest.mark.parametrize('verb, help_flag', [('train', '--help'), ('predict', '--helpfull')])
+def test_asking_a_verb_for_help_succeeds(verb, help_flag):
+    # absl exits 1 after printing help; the programs exit 0, as a help request is no error.
+    command = [sys.executable, '-m', 'fcn_unet_jax.cli', verb, help_flag]
+    process = subprocess.run(command, capture_output=True, text=True)
+    assert process.returncode == 0, process.stderr
+    assert '--workdir' in process.stdout
+
+
+def test_a_help_flag_after_double_dash_is_an_argument():
+    assert errors._asks_for_help(['--config=x', '--helpshort'])
+    assert not errors._asks_for_help(['--config=x', '--', '--help'])
+    assert not errors._asks_for_help(['--config=x', '--helper=1'])
