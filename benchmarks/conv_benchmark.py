@@ -341,7 +341,7 @@ def _valid_input_gradient_table(rng) -> None:
     import jax
     import jax.numpy as jnp
 
-    from fcn_unet_jax.ops import convolutions
+    from fcn_unet_jax.ops import convolutions, nhwc
 
     print(
         '\n| VALID conv input gradient | input map | channels | kernel | XLA ms '
@@ -356,7 +356,7 @@ def _valid_input_gradient_table(rng) -> None:
 
         def by_xla(x, kernel, dy):
             def conv(x):
-                return convolutions.lax_conv(x, kernel, (1, 1), 'VALID', (1, 1), None)
+                return nhwc.lax_conv(x, kernel, (1, 1), 'VALID')
 
             return jax.vjp(conv, x)[1](dy)[0]
 

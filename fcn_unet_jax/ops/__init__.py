@@ -56,6 +56,9 @@ upsample + concatenate + conv, the identity for `materialize` and `keep_recomput
 `remat` stays, as it is a model option), with the same parameters, so a result can always
 be checked against XLA's own ops. Code that calls the ops directly gets the same inside
 `with ops.plain_ops():`.
+
+Every module here that convolves directly uses `nhwc.lax_conv`, XLA's convolution in
+flax's layout, the plain op the rewrites are checked against.
 """
 
 from fcn_unet_jax.ops.batch_norm import STATISTICS as BATCH_NORM_STATISTICS

@@ -29,11 +29,10 @@ import jax
 import jax.numpy as jnp
 
 from fcn_unet_jax.ops import kernel_gradient, platform, space_to_depth, winograd, xla_cpu
+from fcn_unet_jax.ops.nhwc import DIMENSION_NUMBERS, lax_conv
 from fcn_unet_jax.ops.switch import uses_plain_ops
 
 Array = jax.Array
-# The layouts of every convolution here and in `upsampling.py`: flax's NHWC images, HWIO kernels.
-DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
 
 
 def _is_zero_padding(padding: Any) -> bool:
@@ -44,19 +43,6 @@ def _is_zero_padding(padding: Any) -> bool:
         return padding == 0
     pairs = [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
     return all(lo == 0 and hi == 0 for lo, hi in pairs)
-
-
-def lax_conv(x, kernel, strides, padding, dilation, precision):
-    """XLA's convolution in `DIMENSION_NUMBERS` layout: the plain op every rewrite matches."""
-    return jax.lax.conv_general_dilated(
-        x,
-        kernel,
-        strides,
-        padding,
-        rhs_dilation=dilation,
-        dimension_numbers=DIMENSION_NUMBERS,
-        precision=precision,
-    )
 
 
 def input_grad_by_phases(dy, kernel, input_shape, strides, padding, dilation, precision=None):

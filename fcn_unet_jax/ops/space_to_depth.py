@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fcn_unet_jax.ops import nhwc
+
 Array = jax.Array
 
 # A 3x3 convolution runs on 2x2 blocks while in channels x out channels is at most this
@@ -117,12 +119,11 @@ def conv3x3(x: Array, kernel: Array, padding, precision=None) -> Array:
     height, width = x.shape[1:3]
     # An odd size gets one more zero row (column): the zero its padding would read anyway.
     x = jnp.pad(x, ((0, 0), (0, height % 2), (0, width % 2), (0, 0)))
-    y = jax.lax.conv_general_dilated(
+    y = nhwc.lax_conv(
         to_blocks(x),
         block_kernel(kernel).astype(x.dtype),
         (1, 1),
         ((1, 1), (1, 1)),
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
         precision=precision,
     )
     crop_top, crop_left = max(1 - top, 0), max(1 - left, 0)

@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from fcn_unet_jax.ops import platform
-from fcn_unet_jax.ops.convolutions import DIMENSION_NUMBERS, Conv, conv2d, conv_taps, lax_conv
+from fcn_unet_jax.ops.convolutions import Conv, conv2d, conv_taps
+from fcn_unet_jax.ops.nhwc import DIMENSION_NUMBERS, lax_conv
 from fcn_unet_jax.ops.switch import uses_plain_ops
 
 Array = jax.Array
@@ -86,13 +87,7 @@ def _upsample_subpixel(x: Array, kernel: Array, factor: int) -> Array:
     # Tap t = i f + a; the 2x2 conv's window position u = 1 - i reads input q - i.
     taps = kernel.reshape(2, f, 2, f, out_c, in_c)[::-1, :, ::-1]  # [u, a, v, b, out, in]
     taps = taps.transpose(0, 2, 5, 1, 3, 4).reshape(2, 2, in_c, f * f * out_c)
-    y = jax.lax.conv_general_dilated(
-        jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))),
-        taps,
-        (1, 1),
-        'VALID',
-        dimension_numbers=DIMENSION_NUMBERS,
-    )
+    y = lax_conv(jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))), taps, (1, 1), 'VALID')
     return depth_to_space(y, f)
 
 

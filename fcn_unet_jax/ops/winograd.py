@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fcn_unet_jax.ops import kernel_gradient, platform, xla_cpu
+from fcn_unet_jax.ops import kernel_gradient, nhwc, platform, xla_cpu
 
 Array = jax.Array
 
@@ -313,15 +313,7 @@ def inference_tile_size(x_shape, dilation, padding) -> int:
 
 
 def _direct(x, kernel, dilation, padding, precision) -> Array:
-    return jax.lax.conv_general_dilated(
-        x,
-        kernel,
-        (1, 1),
-        padding,
-        rhs_dilation=dilation,
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-        precision=precision,
-    )
+    return nhwc.lax_conv(x, kernel, (1, 1), padding, dilation, precision)
 
 
 def _trains_by_winograd(x, kernel) -> bool:
