@@ -215,11 +215,26 @@ def log_config(config: Any, workdir: str) -> None:
         opt.name,
         opt.learning_rate,
         opt.schedule,
-        config.loss.name,
+        describe_loss(config),
         config.eval_every_steps,
         config.checkpoint_every_steps,
         workdir,
     )
+
+
+def describe_loss(config: Any) -> str:
+    """The loss a run trains on, weights included: 'cross_entropy', or e.g.
+    'cross_entropy with the border weight map (w0 10, sigma 5 px), class weights (1, 4)'."""
+    weights = []
+    if config.input.get('border_weights'):
+        weights.append(
+            f'the border weight map (w0 {config.input.border_w0:g}, '
+            f'sigma {config.input.border_sigma:g} px)'
+        )
+    class_weights = config.loss.get('class_weights')
+    if class_weights:
+        weights.append(f'class weights ({", ".join(f"{w:g}" for w in class_weights)})')
+    return f'{config.loss.name} with {", ".join(weights)}' if weights else config.loss.name
 
 
 def log_dataset(info: Any, config: Any) -> None:

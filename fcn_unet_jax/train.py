@@ -304,7 +304,17 @@ def resolve_config(config: ml_collections.ConfigDict) -> None:
       metadata (classes.txt of a `folder` dataset, the builder's class names); the dataset
       is prepared first. A count that is set is kept; `Trainer` refuses it when it
       differs from the dataset's.
+
+    Raises:
+      UserError: `input.border_weights` with a loss that has no cross-entropy term, the
+        only term the border weight map weights (the map would be computed and ignored).
     """
+    if config.input.get('border_weights') and 'cross_entropy' not in config.loss.name:
+        raise errors.UserError(
+            f'config.input.border_weights=True weights the cross-entropy term, and '
+            f'config.loss.name={config.loss.name!r} has none.',
+            hint="use loss 'cross_entropy' or 'cross_entropy+dice', or border_weights=False",
+        )
     if config.init_from in ('None', 'none', ''):
         config.init_from = None
     if config.model.num_classes is not None:

@@ -107,6 +107,24 @@ def test_a_missing_pretrained_file_says_how_to_make_it(tiny_config, tmp_path):
     )
 
 
+def test_the_run_header_names_the_loss_with_its_weights(tiny_config):
+    config = tiny_config()
+    assert console.describe_loss(config) == 'cross_entropy'
+    config.input.border_weights = True
+    config.loss.class_weights = (1.0, 2.5)
+    assert console.describe_loss(config) == (
+        'cross_entropy with the border weight map (w0 10, sigma 5 px), class weights (1, 2.5)'
+    )
+
+
+def test_border_weights_need_a_cross_entropy_term(tiny_config):
+    config = tiny_config(**{'input.border_weights': True, 'loss.name': 'dice'})
+    with pytest.raises(errors.UserError, match="loss.name='dice' has none"):
+        train.resolve_config(config)
+    config.loss.name = 'cross_entropy+dice'
+    train.resolve_config(config)
+
+
 def test_num_classes_comes_from_the_dataset(tiny_config):
     config = tiny_config()
     config.model.num_classes = None
