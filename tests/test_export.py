@@ -101,7 +101,7 @@ def test_metadata_describes_classes_and_preprocessing(run, exported):
 @pytest.mark.parametrize(
     ('overrides', 'order'),
     [
-        ({'model.name': 'fcn8s_vgg16'}, 'BGR'),
+        ({'model.name': 'fcn8s_vgg16', 'model.batch_norm': False}, 'BGR'),
         ({'model.input_channels': 1, 'input.normalization': 'imagenet'}, 'grey'),
     ],
 )
@@ -177,7 +177,7 @@ def test_valid_unet_fixed_size_is_the_overlap_tile_inference(tiny_config):
 
 
 def test_torchvision_fcn_takes_any_size(tiny_config):
-    config = tiny_config(**{'model.name': 'fcn_resnet50'})
+    config = tiny_config(**{'model.name': 'fcn_resnet50', 'model.batch_norm': False})
     model = models.build_model(config.model)
     variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(
         np.zeros((1, 32, 32, 3), np.float32)

@@ -76,6 +76,15 @@ class ModelInfo:
     def __call__(self, model_config: ml_collections.ConfigDict) -> nn.Module:
         """Validates `model_config` and builds the module."""
         _validate_common(model_config)
+        if model_config.batch_norm and self.head != 'unet':
+            # The other models' normalisation is their reference's: BatchNorm throughout the
+            # ResNets, none in VGG16 (the FCN paper's and smp's encoder).
+            own = 'no BatchNorm (VGG16)' if self.encoder == 'vgg16' else 'BatchNorm (ResNet)'
+            raise errors.UserError(
+                f'config.model.batch_norm=True applies to the classic U-Net only; '
+                f'{model_config.name} always has {own}, as its reference.',
+                hint='leave config.model.batch_norm False for this model',
+            )
         merge = model_config.merge
         if merge is None:
             merge = 'sum' if self.family == 'fcn' else 'concat'

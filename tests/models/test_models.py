@@ -71,6 +71,9 @@ def test_registry_has_every_model_name():
         ('fcn_resnet50', {'skip_strides': (16,)}, 'skip_strides'),
         ('fcn_resnet50', {'resnet_variant': 'keras'}, 'resnet_variant'),
         ('unet_vgg16', {'decoder_channels': (16, 8)}, 'decoder_channels'),
+        # Only the classic U-Net has the switch; the others would silently ignore it.
+        ('fcn8s_vgg16', {'batch_norm': True}, 'batch_norm'),
+        ('unet_resnet50', {'batch_norm': True}, 'batch_norm'),
     ],
 )
 def test_invalid_config_values_name_the_field(name, overrides, field):
