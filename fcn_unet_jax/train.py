@@ -191,7 +191,16 @@ class Trainer:
     ) -> dict[str, Any]:
         """Writes the evaluation report of `result` to the workdir and returns it."""
         report = workdir_files.eval_report(result, self.info.class_names, step, split)
-        workdir_files.write_eval_results(workdir, report, self.config.dataset.eval_split)
+        default_split = self.config.dataset.eval_split
+        path = workdir_files.write_eval_results(workdir, report, default_split)
+        usual = workdir_files.eval_results_file(split, default_split)
+        if path.name != usual:
+            logging.warning(
+                '%s holds a later step than %d and stays; these scores are in %s.',
+                usual,
+                step,
+                path,
+            )
         return report
 
 

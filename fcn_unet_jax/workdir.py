@@ -419,16 +419,31 @@ def eval_results_file(split: str, default_split: str) -> str:
 
 def write_eval_results(
     workdir: str | os.PathLike[str], report: Mapping[str, Any], default_split: str
-) -> None:
+) -> epath.Path:
     """Writes an `eval_report` to the file of its split (see `eval_results_file`).
+
+    A report never replaces one of a later step: the evaluation of an older checkpoint (an
+    evaluation that fell back because the newest could not be read) goes beside it, to
+    `<file>_step<N>.json`.
 
     Args:
       workdir: the run's workdir.
       report: the report of `eval_report`; its `split` names the file.
       default_split: the run's `config.dataset.eval_split`, whose report is
         `eval_results.json`.
+
+    Returns:
+      The file written.
     """
-    write_json(epath.Path(workdir) / eval_results_file(report['split'], default_split), report)
+    path = epath.Path(workdir) / eval_results_file(report['split'], default_split)
+    try:
+        stored_step = json.loads(path.read_text()).get('step') if path.exists() else None
+    except (OSError, ValueError, AttributeError):  # Unreadable: nothing worth keeping.
+        stored_step = None
+    if isinstance(stored_step, int) and stored_step > report['step']:
+        path = path.with_name(f'{path.stem}_step{report["step"]}{path.suffix}')
+    write_json(path, report)
+    return path
 
 
 def read_eval_results(

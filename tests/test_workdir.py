@@ -104,6 +104,20 @@ def test_eval_report_names_classes_and_round_trips(tmp_path):
     assert workdir_files.read_eval_results(tmp_path, 'validation') == final
 
 
+def test_an_older_step_never_replaces_the_report_of_a_later_one(tmp_path):
+    # An evaluation that fell back to an older checkpoint keeps the run's final scores.
+    def write(step):
+        report = {'step': step, 'split': 'validation', 'mean_iou': step / 10}
+        return workdir_files.write_eval_results(tmp_path, report, 'validation').name
+
+    assert write(8) == 'eval_results.json'
+    assert write(4) == 'eval_results_step4.json'
+    assert workdir_files.read_eval_results(tmp_path)['step'] == 8
+    assert json.loads((tmp_path / 'eval_results_step4.json').read_text())['step'] == 4
+    assert write(8) == write(12) == 'eval_results.json'  # The same or a later step replaces.
+    assert workdir_files.read_eval_results(tmp_path)['step'] == 12
+
+
 def test_metrics_log_appends_records_in_order(tmp_path):
     log = workdir_files.MetricsLog(tmp_path)
     log.write(1, {'train/loss': np.float32(2.5)})
