@@ -132,6 +132,20 @@ def _measure(fn: Callable, *args) -> tuple[float, float]:
     return best, compile_s
 
 
+def _measure_forward_and_train(conv: Callable, x, kernel, dy) -> tuple[float, float, float]:
+    """(forward s, train s, train compile s) of `conv(x, kernel)`; training takes both
+    gradients of `vdot(conv(x, kernel), dy)`, as a layer's backward pass does."""
+    import jax
+    import jax.numpy as jnp
+
+    def train(x, k, dy):
+        return jax.grad(lambda x, k: jnp.vdot(conv(x, k), dy), argnums=(0, 1))(x, k)
+
+    forward_s, _ = _measure(conv, x, kernel)
+    train_s, compile_s = _measure(train, x, kernel, dy)
+    return forward_s, train_s, compile_s
+
+
 def main(argv):
     del argv
     rng = np.random.default_rng(0)
@@ -148,10 +162,9 @@ def main(argv):
 
 
 def _winograd_table(rng) -> None:
-    import jax
     import jax.numpy as jnp
 
-    from fcn_unet_jax.ops import winograd
+    from fcn_unet_jax.ops import nhwc, winograd
 
     print(
         '| layer | map | channels | dilation | direct fwd / train ms | Winograd fwd / train ms '
@@ -167,28 +180,13 @@ def _winograd_table(rng) -> None:
         dilations, padding = (dilation, dilation), ((dilation, dilation),) * 2
 
         def direct(x, k, dilations=dilations, padding=padding):
-            return jax.lax.conv_general_dilated(
-                x,
-                k,
-                (1, 1),
-                padding,
-                rhs_dilation=dilations,
-                dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-            )
+            return nhwc.lax_conv(x, k, (1, 1), padding, dilations)
 
         def transformed(x, k, dilations=dilations, padding=padding):
             return winograd.conv3x3(x, k, dilations, padding)
 
-        times = {}
-        for label, conv in (('direct', direct), ('winograd', transformed)):
-
-            def train(x, k, dy, conv=conv):
-                return jax.grad(lambda x, k: jnp.vdot(conv(x, k), dy), argnums=(0, 1))(x, k)
-
-            forward_s, _ = _measure(conv, x, kernel)
-            train_s, compile_s = _measure(train, x, kernel, dy)
-            times[label] = (forward_s, train_s, compile_s)
-        (df, dt, dc), (wf, wt, wc) = times['direct'], times['winograd']
+        df, dt, dc = _measure_forward_and_train(direct, x, kernel, dy)
+        wf, wt, wc = _measure_forward_and_train(transformed, x, kernel, dy)
         print(
             f'| {name} | {side} x {side} | {c_in} -> {c_out} | {dilation} '
             f'| {1e3 * df:.0f} / {1e3 * dt:.0f} | {1e3 * wf:.0f} / {1e3 * wt:.0f} '
@@ -294,7 +292,6 @@ def _decoder_table(rng) -> None:
 
 
 def _space_to_depth_table(rng) -> None:
-    import jax
     import jax.numpy as jnp
 
     from fcn_unet_jax.ops import convolutions, space_to_depth
@@ -320,14 +317,8 @@ def _space_to_depth_table(rng) -> None:
         def blocks(x, k, padding=padding):
             return space_to_depth.conv3x3(x, k, padding)
 
-        times = []
-        for conv in (direct, blocks):
-
-            def train(x, k, dy, conv=conv):
-                return jax.grad(lambda x, k: jnp.vdot(conv(x, k), dy), argnums=(0, 1))(x, k)
-
-            times.append((_measure(conv, x, kernel)[0], _measure(train, x, kernel, dy)[0]))
-        (df, dt), (bf, bt) = times
+        df, dt, _ = _measure_forward_and_train(direct, x, kernel, dy)
+        bf, bt, _ = _measure_forward_and_train(blocks, x, kernel, dy)
         print(
             f'| {name} | {side} x {side} | {c_in} -> {c_out} '
             f'| {1e3 * df:.1f} / {1e3 * dt:.1f} | {1e3 * bf:.1f} / {1e3 * bt:.1f} '
