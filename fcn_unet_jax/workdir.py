@@ -437,7 +437,7 @@ def write_eval_results(
     """
     path = epath.Path(workdir) / eval_results_file(report['split'], default_split)
     try:
-        stored_step = json.loads(path.read_text()).get('step') if path.exists() else None
+        stored_step = read_json(path).get('step') if path.exists() else None
     except (OSError, ValueError, AttributeError):  # Unreadable: nothing worth keeping.
         stored_step = None
     if isinstance(stored_step, int) and stored_step > report['step']:
