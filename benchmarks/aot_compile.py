@@ -49,7 +49,7 @@ flags.DEFINE_string('table', None, 'Print the markdown table of a --json file an
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+        raise errors.UserError(f'Unexpected arguments: {argv[1:]}')
     # Imported here, after `xla_options.set_default_flags()`: JAX reads XLA_FLAGS once.
     import jax
 
@@ -59,7 +59,7 @@ def main(argv: list[str]) -> None:
         print(aot.results_table(aot.read_results(FLAGS.table)))
         return
     if FLAGS.config is None:
-        raise app.UsageError('--config is required (or --table).')
+        raise errors.UserError('--config is required (or --table).')
 
     config = FLAGS.config
     try:
@@ -122,4 +122,4 @@ if __name__ == '__main__':
     # plugin) only compiles. Several compiles may load libtpu at once.
     os.environ.setdefault('JAX_PLATFORMS', 'cpu')
     os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
-    app.run(main)
+    app.run(errors.guard(main), flags_parser=errors.parse_flags)

@@ -39,7 +39,7 @@ from collections.abc import Callable
 import numpy as np
 from absl import app, flags
 
-from fcn_unet_jax import xla_options
+from fcn_unet_jax import errors, xla_options
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('batch_size', 4, 'Batch size.')
@@ -366,4 +366,4 @@ def _valid_input_gradient_table(rng) -> None:
 
 if __name__ == '__main__':
     xla_options.set_default_flags()  # Before JAX starts its backends.
-    app.run(main)
+    app.run(errors.guard(main), flags_parser=errors.parse_flags)

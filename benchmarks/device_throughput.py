@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from fcn_unet_jax import config_files, models, sharding, train_steps
+from fcn_unet_jax import config_files, errors, models, sharding, train_steps
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string(
@@ -230,4 +230,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    app.run(main)
+    app.run(errors.guard(main), flags_parser=errors.parse_flags)

@@ -19,6 +19,7 @@ from absl import app, flags
 from PIL import Image
 
 from configs import default
+from fcn_unet_jax import errors
 from fcn_unet_jax.data import builders, input_pipeline
 
 FLAGS = flags.FLAGS
@@ -104,4 +105,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    app.run(main)
+    app.run(errors.guard(main), flags_parser=errors.parse_flags)

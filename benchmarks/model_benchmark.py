@@ -58,7 +58,7 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks import model_setup
-from fcn_unet_jax import sharding, xla_options
+from fcn_unet_jax import errors, sharding, xla_options
 
 FLAGS = flags.FLAGS
 # glibc reads its tunables only when a process starts, hence a worker-only setting.
@@ -437,10 +437,10 @@ def main(argv):
 
     unknown = [m for m in FLAGS.models if m not in models.MODELS]
     if unknown:
-        raise app.UsageError(f'Unknown --models {unknown}; known: {sorted(models.MODELS)}.')
+        raise errors.UserError(f'Unknown --models {unknown}; known: {sorted(models.MODELS)}.')
     use_torch = FLAGS.torch == 'yes' or (FLAGS.torch == 'auto' and _torch_available())
     if FLAGS.torch == 'yes' and not _torch_available():
-        raise app.UsageError('--torch=yes but torch is not importable in this environment.')
+        raise errors.UserError('--torch=yes but torch is not importable in this environment.')
     peak = FLAGS.peak_gflops or measure_matmul_gflops()
     print(f'fp32 matmul ceiling: {peak:.0f} GFLOP/s', flush=True)
     rows = []
@@ -473,4 +473,4 @@ def main(argv):
 
 if __name__ == '__main__':
     xla_options.set_default_flags()  # Before JAX starts its backends.
-    app.run(main)
+    app.run(errors.guard(main), flags_parser=errors.parse_flags)

@@ -44,7 +44,7 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks import model_setup
-from fcn_unet_jax import config_files, sharding, xla_options
+from fcn_unet_jax import config_files, errors, sharding, xla_options
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('model', 'fcn_resnet50', 'Model name (a key of fcn_unet_jax.models.MODELS).')
@@ -252,4 +252,4 @@ def main(argv):
 
 if __name__ == '__main__':
     xla_options.set_default_flags()  # Before JAX starts its backends.
-    app.run(main)
+    app.run(errors.guard(main), flags_parser=errors.parse_flags)

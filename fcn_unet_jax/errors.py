@@ -4,9 +4,10 @@ An error the user can fix (a config field, a flag, a data file, a workdir that d
 the command) is raised as `UserError(message, hint=...)`. The message names the file, field
 or value and what was expected; the optional hint says what to do. Every entry point
 (`fcn_unet_jax.main`, `.predict`, `.predict_volume`, `.data.build`, `.weights.convert`,
-`experiments.demo`, `.replicate`, `.skip_ablation`) runs its `main` through this module:
-absl programs as `app.run(errors.guard(main), flags_parser=errors.parse_flags)`, argparse
-ones inside `with errors.handled(...)`. They print
+`experiments.demo`, `.replicate`, `.skip_ablation`, and the `benchmarks/` programs) runs its
+`main` through this module: absl programs as
+`app.run(errors.guard(main), flags_parser=errors.parse_flags)`, argparse ones inside
+`with errors.handled(...)`. They print
 
     error: <message>
     hint: <hint>

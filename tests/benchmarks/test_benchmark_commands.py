@@ -1,0 +1,51 @@
+"""The benchmark programs as commands: help exits 0, bad input is one `error:` line.
+
+Each runs in a fresh interpreter, since the programs' absl flags would clash in this one.
+"""
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+# Each benchmark program and one of its own flags, which its help must list.
+PROGRAMS = {
+    'aot_compile': '--target',
+    'conv_benchmark': '--table',
+    'device_throughput': '--dtypes',
+    'input_pipeline_benchmark': '--steps',
+    'model_benchmark': '--models',
+    'profile_train_step': '--timed_steps',
+}
+
+
+def _run(module: str, *args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, '-m', f'benchmarks.{module}', *args]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize('module', sorted(PROGRAMS))
+def test_asking_a_benchmark_for_help_succeeds(module):
+    # absl exits 1 after printing the help it was asked for.
+    process = _run(module, '--help')
+    assert process.returncode == 0, process.stderr
+    assert PROGRAMS[module] in process.stdout
+
+
+@pytest.mark.parametrize(
+    'module, args, message',
+    [
+        ('aot_compile', [], 'error: --config is required (or --table).'),
+        ('conv_benchmark', ['--tabel=winograd'], "error: Unknown command line flag 'tabel'"),
+        ('model_benchmark', ['--models=fcn99'], "error: Unknown --models ['fcn99']"),
+    ],
+)
+def test_bad_benchmark_input_is_one_error_line(module, args, message):
+    process = _run(module, *args)
+    assert process.returncode == 1
+    assert 'Traceback' not in process.stderr
+    error_lines = [line for line in process.stderr.splitlines() if line.startswith('error: ')]
+    assert len(error_lines) == 1 and error_lines[0].startswith(message), process.stderr
