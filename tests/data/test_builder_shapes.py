@@ -155,3 +155,12 @@ def test_shapes_fine_builder_resolves_and_registers(tmp_path):
     assert (
         tfds.builder('shapes_fine/small', data_dir=str(tmp_path)).builder_config.image_size == 128
     )
+
+
+def test_generated_builders_describe_themselves_and_the_base_is_not_a_dataset(tmp_path):
+    # The shared base is abstract: tfds registers the two datasets, not it.
+    assert 'generated_builder' not in tfds.list_builders(with_community_datasets=False)
+    for module, name in ((shapes, 'shapes/small'), (shapes_fine, 'shapes_fine/small')):
+        info = tfds.builder(name, data_dir=str(tmp_path)).info
+        assert info.description == module.__doc__.strip()
+        assert info.metadata['class_names'] == list(module.CLASS_NAMES)

@@ -11,14 +11,19 @@ one spec:
 Each builder's `info.metadata` holds `class_names`, `palette` (one `[r, g, b]` per class)
 and `ignore_label`.
 
+`GeneratedBuilder` is the builder of the synthetic datasets (`shapes`, `shapes_fine`): a
+subclass names its classes and palette and draws one example from its index and split.
+
 Errors in the user's files are `errors.UserError`s (ValueErrors) that name the file. For
 builders that infer the class count from the masks, `LabelCounts` gathers the pixel count
 of each label value and reports them once the build is done, flagging a label far above
 the others (a stray value that would silently add classes).
 """
 
+import abc
 import io
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -221,3 +226,40 @@ class LabelCounts:
                 far[1],
                 far[0] + 1,
             )
+
+
+class GeneratedBuilder(tfds.core.GeneratorBasedBuilder):
+    """A synthetic dataset: every example drawn from its split and index, nothing downloaded.
+
+    Its `builder_config` has `num_train` and `num_validation`; a subclass sets `CLASS_NAMES`
+    and `PALETTE` and implements `generate_example`. The dataset's description is the
+    subclass's module docstring. Abstract, so tfds does not register it as a dataset.
+    """
+
+    CLASS_NAMES: Sequence[str] = ()
+    PALETTE: Sequence[Sequence[int]] = ()
+
+    @abc.abstractmethod
+    def generate_example(self, index: int, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """Returns example `index` of `split`: uint8 image [H, W, 3] and mask [H, W]."""
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return self.dataset_info_from_configs(
+            description=sys.modules[type(self).__module__].__doc__,
+            features=features(),
+            supervised_keys=('image', 'segmentation_mask'),
+            metadata=metadata(self.CLASS_NAMES, self.PALETTE),
+        )
+
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict:
+        del dl_manager  # Nothing to download: the data is generated.
+        config = self.builder_config
+        return {
+            'train': self._generate_examples('train', config.num_train),
+            'validation': self._generate_examples('validation', config.num_validation),
+        }
+
+    def _generate_examples(self, split: str, num_examples: int) -> Iterator[tuple[int, dict]]:
+        for index in range(num_examples):
+            image, mask = self.generate_example(index, split)
+            yield index, example(image, mask, f'{split}_{index:05d}')

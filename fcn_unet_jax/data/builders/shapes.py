@@ -182,11 +182,13 @@ def generate_example(
     return np.clip(np.round(image), 0, 255).astype(np.uint8), mask
 
 
-class Shapes(tfds.core.GeneratorBasedBuilder):
+class Shapes(common.GeneratedBuilder):
     """Synthetic shapes on textured backgrounds (see the module docstring)."""
 
     VERSION = tfds.core.Version('1.0.0')
     RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+    CLASS_NAMES = CLASS_NAMES
+    PALETTE = PALETTE
     BUILDER_CONFIGS = [
         ShapesConfig(name='default', description='128 x 128, train 2,000 / validation 200.'),
         ShapesConfig(
@@ -203,24 +205,6 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
         ),
     ]
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        return self.dataset_info_from_configs(
-            description=__doc__,
-            features=common.features(),
-            supervised_keys=('image', 'segmentation_mask'),
-            metadata=common.metadata(CLASS_NAMES, PALETTE),
-        )
-
-    def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict:
-        del dl_manager  # Nothing to download: the data is generated.
+    def generate_example(self, index: int, split: str) -> tuple[np.ndarray, np.ndarray]:
         config = self.builder_config
-        return {
-            'train': self._generate_examples('train', config.num_train),
-            'validation': self._generate_examples('validation', config.num_validation),
-        }
-
-    def _generate_examples(self, split: str, num_examples: int):
-        config = self.builder_config
-        for index in range(num_examples):
-            image, mask = generate_example(index, split, config.image_size, config.class_hues)
-            yield index, common.example(image, mask, f'{split}_{index:05d}')
+        return generate_example(index, split, config.image_size, config.class_hues)

@@ -193,11 +193,13 @@ def generate_example(index: int, split: str, image_size: int) -> tuple[np.ndarra
     return np.clip(np.round(image), 0, 255).astype(np.uint8), mask
 
 
-class ShapesFine(tfds.core.GeneratorBasedBuilder):
+class ShapesFine(common.GeneratedBuilder):
     """Synthetic scenes of large, small, thin and touching objects (see the module doc)."""
 
     VERSION = tfds.core.Version('1.0.0')
     RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+    CLASS_NAMES = CLASS_NAMES
+    PALETTE = PALETTE
     BUILDER_CONFIGS = [
         ShapesFineConfig(name='default', description='256 x 256, train 1,000 / validation 100.'),
         ShapesFineConfig(
@@ -209,24 +211,5 @@ class ShapesFine(tfds.core.GeneratorBasedBuilder):
         ),
     ]
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        return self.dataset_info_from_configs(
-            description=__doc__,
-            features=common.features(),
-            supervised_keys=('image', 'segmentation_mask'),
-            metadata=common.metadata(CLASS_NAMES, PALETTE),
-        )
-
-    def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict:
-        del dl_manager  # Nothing to download: the data is generated.
-        config = self.builder_config
-        return {
-            'train': self._generate_examples('train', config.num_train),
-            'validation': self._generate_examples('validation', config.num_validation),
-        }
-
-    def _generate_examples(self, split: str, num_examples: int):
-        size = self.builder_config.image_size
-        for index in range(num_examples):
-            image, mask = generate_example(index, split, size)
-            yield index, common.example(image, mask, f'{split}_{index:05d}')
+    def generate_example(self, index: int, split: str) -> tuple[np.ndarray, np.ndarray]:
+        return generate_example(index, split, self.builder_config.image_size)
