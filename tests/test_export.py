@@ -134,7 +134,13 @@ def test_fixed_size_argmax_and_refusals(run, tmp_path, capsys):
     images = _images((2, 40, 24, 3), seed=2)
     ids = np.asarray(loaded.call(images))
     assert ids.dtype == np.int32
-    np.testing.assert_array_equal(ids, _reference(run, images).argmax(-1))
+    reference = _reference(run, images)
+    # Two compilations of the same network differ by float rounding, so a pixel whose two
+    # best classes tie to within it may go either way; every other pixel must agree.
+    top2 = np.sort(reference, axis=-1)[..., -2:]
+    decided = top2[..., 1] - top2[..., 0] > 1e-4
+    assert decided.mean() > 0.99
+    np.testing.assert_array_equal(ids[decided], reference.argmax(-1)[decided])
 
     # An existing output is never touched; one error line through the program.
     fv = flags.FlagValues()
