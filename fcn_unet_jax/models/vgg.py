@@ -25,6 +25,9 @@ Array = jax.Array
 VGG16_BLOCKS = ((2, 64), (2, 128), (3, 256), (3, 512), (3, 512))
 FCN_CONV1_PAD = 100
 FCN_DROPOUT = 0.5
+# Blocks of the FCN form whose maps keep a constant middle of conv1_1's padding (pool3 has a
+# margin 7 wide, pool4 none: `ops.constant_margin`).
+FCN_STEM_BLOCKS = 3
 
 _conv_init = nn.initializers.he_normal()
 # torchvision initialises VGG's Linear layers (our fc6/fc7) with N(0, 0.01).
@@ -61,6 +64,44 @@ class VGG16(nn.Module):
     dtype: str = 'float32'
     remat: bool = False
 
+    def _conv(self, b: int, i: int, padding, **kwargs) -> nn.Module:
+        """conv{b}_{i} with ReLU (`kwargs`: `parent=None` for an unbound copy)."""
+        return ops.remat(layers.ConvReLU, self.remat)(
+            layers.scaled(VGG16_BLOCKS[b - 1][1], self.width),
+            (3, 3),
+            padding=padding,
+            kernel_init=_conv_init,
+            dtype=layers.compute_dtype(self.dtype),
+            param_dtype=jnp.float32,
+            name=f'conv{b}_{i}',
+            **kwargs,
+        )
+
+    def _fcn_stem(self, x: Array) -> list[Array]:
+        """Blocks 1 to `FCN_STEM_BLOCKS` of the FCN form applied, without their Flax scopes.
+
+        `ops.stem_with_constant_margin` may run them on a canvas without the constant
+        middle of conv1_1's padding, which needs the blocks as a function of their arrays:
+        the convs run as unbound copies on this module's parameters.
+        """
+        convs = [n for n, _ in VGG16_BLOCKS[:FCN_STEM_BLOCKS]]
+        params = self.variables['params']
+
+        def block(b, x, params, padding):
+            for i in range(1, convs[b] + 1):
+                name = f'conv{b + 1}_{i}'
+                same = ((1, 1), (1, 1))
+                conv = self._conv(b + 1, i, padding if (b, i) == (0, 1) else same, parent=None)
+                x = conv.apply({'params': params[name]}, x)
+            return ops.max_pool_2x2(x, ceil_mode=True)
+
+        stem_params = {
+            f'conv{b}_{i}': params[f'conv{b}_{i}']
+            for b in range(1, FCN_STEM_BLOCKS + 1)
+            for i in range(1, convs[b - 1] + 1)
+        }
+        return ops.stem_with_constant_margin(block, x, stem_params, FCN_CONV1_PAD, convs)
+
     @nn.compact
     def __call__(self, x: Array, *, train: bool) -> dict[int, Array]:
         """Runs the encoder.
@@ -75,21 +116,19 @@ class VGG16(nn.Module):
           32: pool5}; all after ReLU.
         """
         dtype = layers.compute_dtype(self.dtype)
-        conv = ops.remat(layers.ConvReLU, self.remat)
         x = x.astype(dtype)
         features = {}
-        for b, (n_convs, channels) in enumerate(VGG16_BLOCKS, start=1):
+        first_block = 1
+        # Initialisation creates the parameters through the layers themselves; every later
+        # call of the FCN form runs its stem as one function of them.
+        if self.fcn and not self.is_initializing():
+            for b, pooled in enumerate(self._fcn_stem(x), start=1):
+                features[2**b] = x = pooled
+            first_block = FCN_STEM_BLOCKS + 1
+        for b, (n_convs, _) in enumerate(VGG16_BLOCKS[first_block - 1 :], start=first_block):
             for i in range(1, n_convs + 1):
                 pad = FCN_CONV1_PAD if self.fcn and (b, i) == (1, 1) else 1
-                x = conv(
-                    layers.scaled(channels, self.width),
-                    (3, 3),
-                    padding=((pad, pad), (pad, pad)),
-                    kernel_init=_conv_init,
-                    dtype=dtype,
-                    param_dtype=jnp.float32,
-                    name=f'conv{b}_{i}',
-                )(x)
+                x = self._conv(b, i, ((pad, pad), (pad, pad)))(x)
             stride = 2 ** (b - 1)
             if not self.fcn:
                 features[stride] = x
@@ -99,6 +138,7 @@ class VGG16(nn.Module):
         if not self.fcn:
             features[32] = x
             return features
+        conv = ops.remat(layers.ConvReLU, self.remat)
         for name, kernel in (('fc6', 7), ('fc7', 1)):
             x = conv(
                 layers.scaled(4096, self.width),

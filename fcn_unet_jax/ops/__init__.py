@@ -63,6 +63,7 @@ flax's layout, the plain op the rewrites are checked against.
 
 from fcn_unet_jax.ops.batch_norm import STATISTICS as BATCH_NORM_STATISTICS
 from fcn_unet_jax.ops.batch_norm import BatchNorm, batch_norm_statistics
+from fcn_unet_jax.ops.constant_margin import stem_with_constant_margin
 from fcn_unet_jax.ops.convolutions import Conv
 from fcn_unet_jax.ops.pooling import max_pool, max_pool_2x2
 from fcn_unet_jax.ops.remat import remat
@@ -88,6 +89,7 @@ __all__ = [
     'max_pool_2x2',
     'plain_ops',
     'remat',
+    'stem_with_constant_margin',
     'upsample_nearest2x',
     'upsample_transposed',
     'uses_plain_ops',
