@@ -78,14 +78,14 @@ class VGG16(nn.Module):
         )
 
     def _fcn_stem(self, x: Array) -> list[Array]:
-        """Blocks 1 to `FCN_STEM_BLOCKS` of the FCN form applied, without their Flax scopes.
+        """Runs blocks 1 to `FCN_STEM_BLOCKS` of the FCN form; returns their pooled outputs.
 
         `ops.stem_with_constant_margin` may run them on a canvas without the constant
         middle of conv1_1's padding, which needs the blocks as a function of their arrays:
         the convs run as unbound copies on this module's parameters.
         """
         convs = [n for n, _ in VGG16_BLOCKS[:FCN_STEM_BLOCKS]]
-        params = self.variables['params']
+        variables = self.variables['params']
 
         def block(b, x, params, padding):
             for i in range(1, convs[b] + 1):
@@ -96,7 +96,7 @@ class VGG16(nn.Module):
             return ops.max_pool_2x2(x, ceil_mode=True)
 
         stem_params = {
-            f'conv{b}_{i}': params[f'conv{b}_{i}']
+            f'conv{b}_{i}': variables[f'conv{b}_{i}']
             for b in range(1, FCN_STEM_BLOCKS + 1)
             for i in range(1, convs[b - 1] + 1)
         }

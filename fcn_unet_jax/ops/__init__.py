@@ -40,6 +40,10 @@ On CPU (elsewhere: the plain op in brackets):
 * `BatchNorm` (`batch_norm.py`): flax's function with a hand-written training gradient
   [JAX's gradient of the same function]. Its statistics are over the global batch or per
   device (`batch_norm_statistics`, `config.model.batch_norm_stats`) on every platform.
+* `stem_with_constant_margin` (`constant_margin.py`): FCN-VGG16's blocks 1 to 3 on a canvas
+  without the constant middle of conv1_1's 100 px padding, cut and widened again after each
+  pooling [the full canvas]. It chooses its platform around a differentiated function (its
+  blocks have no hand-written gradient), so a train step traces both branches' derivatives.
 * `max_pool`, `max_pool_2x2` (`pooling.py`): XLA's `reduce_window` with a gradient
   recomputed without index tensors [`nn.max_pool` and its `select_and_scatter` gradient].
 * `materialize` (`xla_cpu.py`): the identity through a conditional, a fusion barrier [the
