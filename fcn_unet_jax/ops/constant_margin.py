@@ -22,8 +22,8 @@ summed once over its repeats rather than position by position). The cut is even 
 level so that the 2x2 pooling grid, and its ceil-mode odd last column, stay where they were.
 
 For FCN-8s at 1/16 width on 128 px crops, blocks 1 to 3 shrink from 326/163/82 to
-142/83/58 positions a side, and the train step about halves (`benchmarks/model_benchmark.py`
-and `benchmarks/profile_train_step.py`, results in `docs/performance.md`). Like every
+142/83/58 positions a side, and the train step takes less than half as long
+(`benchmarks/profile_train_step.py`, results in `docs/performance.md`). Like every
 rewrite of this package it runs on CPU only (`platform.on_cpu`), and not at all under
 `plain_ops`; a program lowered for a GPU or TPU convolves the full canvas.
 
@@ -104,13 +104,11 @@ class AxisPlan:
     """How one axis of the stem is trimmed.
 
     Attributes:
-      pad: conv1_1's padding in the plain stem.
       cut: per block b, the (left, right) positions left out of block b's input relative to
         the plain stem; cut[0] reduces conv1_1's padding. Even, so the pooling grid stays.
       extents: per block b, the plain stem's extent of block b's pooled output.
     """
 
-    pad: int
     cut: tuple[tuple[int, int], ...]
     extents: tuple[_Extent, ...]
 
@@ -120,7 +118,10 @@ class AxisPlan:
 
 
 def plan_axis(size: int, pad: int, convs_per_block: Sequence[int]) -> AxisPlan:
-    """The largest exact trim of one axis of a `size`-long input (see the module docstring).
+    """An exact trim of one axis of a `size`-long input (see the module docstring).
+
+    Each cut is the largest that the bands, as computed here, allow; they are conservative
+    by up to one pooled position, so a cut may fall up to 2 positions short of the largest.
 
     Args:
       size: the input's length on this axis.
@@ -148,7 +149,7 @@ def plan_axis(size: int, pad: int, convs_per_block: Sequence[int]) -> AxisPlan:
             left = min(left, _even_at_most(before.left_gap - 1))
             right = min(right, _even_at_most(before.right_gap - 1))
         cut.append((left, right))
-    return AxisPlan(pad, tuple(cut), tuple(extents))
+    return AxisPlan(tuple(cut), tuple(extents))
 
 
 def _resize_margin(x: Array, axis: int, extent: _Extent, now: tuple[int, int], to: tuple[int, int]):
