@@ -2,11 +2,14 @@
 
 Generates a `folder` dataset of JPEG images (about 500 x 375, VOC's typical size, with
 smooth random content) and grayscale index PNG masks in a temporary directory, prepares
-it in the array_record format, and times `create_train_iterator` at each crop size, with
-and without the elastic deformation (and optionally the border weight map). Prints a
-Markdown table.
+it in the array_record format, and times the train pipeline (`train_dataset`) at each crop
+size, with and without the elastic deformation (and optionally the border weight map).
+`--compare_autotuning` times each configuration a second time with tf.data's autotuning
+turned back on (the project's pipelines run without it, see
+`input_pipeline._without_autotuning`). Prints a Markdown table.
 
-    python -m benchmarks.input_pipeline_benchmark [--crop_sizes=320,512] [--steps=20]
+    python -m benchmarks.input_pipeline_benchmark [--crop_sizes=320,512] [--steps=20] \
+        [--border_weights] [--compare_autotuning]
 """
 
 import os
@@ -14,6 +17,7 @@ import tempfile
 import time
 
 import numpy as np
+import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import app, flags
 from PIL import Image
@@ -28,6 +32,9 @@ flags.DEFINE_list('crop_sizes', ['320', '512'], 'Square crop sizes to time.')
 flags.DEFINE_integer('batch_size', 8, 'Global batch size (one process).')
 flags.DEFINE_integer('steps', 20, 'Timed steps per configuration (after 3 warm-up steps).')
 flags.DEFINE_bool('border_weights', False, 'Also time the border weight map.')
+flags.DEFINE_bool(
+    'compare_autotuning', False, 'Also time each configuration with tf.data autotuning on.'
+)
 flags.DEFINE_string('workdir', None, 'Where to write the data; default: a temporary folder.')
 
 _NUM_CLASSES = 21
@@ -57,8 +64,13 @@ def _write_folder_dataset(root: str, num_images: int) -> None:
         Image.fromarray(mask).save(os.path.join(root, 'masks', f'{i:05d}.png'))
 
 
-def _examples_per_second(config, steps: int) -> float:
-    iterator = input_pipeline.create_train_iterator(config)
+def _examples_per_second(config, steps: int, autotuning: bool) -> float:
+    dataset = input_pipeline.train_dataset(config)
+    if autotuning:
+        options = tf.data.Options()
+        options.autotune.enabled = True  # Overrides the pipeline's own option.
+        dataset = dataset.with_options(options)
+    iterator = dataset.as_numpy_iterator()
     for _ in range(3):
         next(iterator)
     start = time.perf_counter()
@@ -86,21 +98,26 @@ def main(argv):
     )
 
     variants = [('no', False), ('yes', True)]
+    tunings = [False, True] if FLAGS.compare_autotuning else [False]
     rows = []
     for crop in (int(c) for c in FLAGS.crop_sizes):
         for elastic_name, elastic in variants:
             config.input.crop_size = (crop, crop)
             config.input.elastic = elastic
             config.input.border_weights = FLAGS.border_weights
-            rate = _examples_per_second(config, FLAGS.steps)
-            rows.append(f'| {crop} | {elastic_name} | {FLAGS.border_weights} | {rate:.1f} |')
+            for autotuning in tunings:
+                rate = _examples_per_second(config, FLAGS.steps, autotuning)
+                rows.append(
+                    f'| {crop} | {elastic_name} | {FLAGS.border_weights} | '
+                    f'{"on" if autotuning else "off"} | {rate:.1f} |'
+                )
 
     print(
         f'\n{FLAGS.num_images} JPEGs of ~500x375, batch {FLAGS.batch_size}, {os.cpu_count()} CPUs'
     )
     print('scale (0.5, 2.0), hflip, no colour jitter, FCN BGR normalisation\n')
-    print('| crop | elastic | border weights | examples/s |')
-    print('| ---: | :---: | :---: | ---: |')
+    print('| crop | elastic | border weights | tf.data autotuning | examples/s |')
+    print('| ---: | :---: | :---: | :---: | ---: |')
     print('\n'.join(rows))
 
 

@@ -75,6 +75,20 @@ def _hide_accelerators() -> None:
         pass
 
 
+def _without_autotuning(ds: tf.data.Dataset) -> tf.data.Dataset:
+    """Turns off tf.data's autotuning for `ds`: each AUTOTUNE map runs min(16, cores) calls.
+
+    Autotuning gives every iterator a model thread, and deleting the iterator waits for it:
+    at the end of a training run that wait took up to half a minute (docs/performance.md).
+    The fixed parallelism (tf.data's value for AUTOTUNE when autotuning is off) reads about
+    as fast (`benchmarks/input_pipeline_benchmark.py --compare_autotuning`), and the batches
+    are the same either way: the maps are deterministic.
+    """
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return ds.with_options(options)
+
+
 def _builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     return builders.get_builder(config.dataset)
 
@@ -232,6 +246,22 @@ def create_train_iterator(
 ) -> Iterator[dict[str, np.ndarray]]:
     """Returns the infinite, deterministic training stream of this process.
 
+    The NumPy iterator of `train_dataset`, which documents the arguments and the batches.
+    """
+    return train_dataset(
+        config, start_step=start_step, process_index=process_index, process_count=process_count
+    ).as_numpy_iterator()
+
+
+def train_dataset(
+    config: ml_collections.ConfigDict,
+    *,
+    start_step: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> tf.data.Dataset:
+    """Returns the infinite, deterministic training stream of this process as a tf.data pipeline.
+
     Args:
       config: The full config; reads `seed`, `batch_size`, `dataset`, `input` and
         `model.input_channels` / `model.name` (normalisation).
@@ -241,7 +271,7 @@ def create_train_iterator(
       process_count: Number of processes; None = `jax.process_count()`.
 
     Returns:
-      An iterator of dicts with this process's `config.batch_size // process_count`
+      A dataset of dicts with this process's `config.batch_size // process_count`
       examples per step: `image` float32 `[b, H, W, C]` (normalised), `label` int32
       `[b, H, W]` (`ignore_label` where not scored) and, when `config.input.border_weights`,
       `weight` float32 `[b, H, W]` (the U-Net border weight map). `(H, W)` is
@@ -321,7 +351,7 @@ def create_train_iterator(
     ds = ds.map(read).unbatch()
     ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(local_batch, drop_remainder=True).prefetch(config.input.prefetch)
-    return ds.as_numpy_iterator()
+    return _without_autotuning(ds)
 
 
 def _image_size(record: bytes) -> tuple[int, int]:
@@ -416,7 +446,8 @@ class EvalIterable:
         """Number of batches per pass (equal on every process)."""
         return self._num_batches
 
-    def _dataset(self) -> tf.data.Dataset:
+    def dataset(self) -> tf.data.Dataset:
+        """One pass over this process's share as a tf.data pipeline (what iterating yields)."""
         config, builder, source = self._config, self._builder, self._source
         begin, end = self._begin, self._end
         height, width = self.pad_size
@@ -460,10 +491,11 @@ class EvalIterable:
         ds = tf.data.Dataset.range(self._num_batches * self._batch_size)
         ds = ds.map(sample).batch(self._batch_size).map(read).unbatch()
         ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        return ds.batch(self._batch_size, drop_remainder=True).prefetch(config.input.prefetch)
+        ds = ds.batch(self._batch_size, drop_remainder=True).prefetch(config.input.prefetch)
+        return _without_autotuning(ds)
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        return self._dataset().as_numpy_iterator()
+        return self.dataset().as_numpy_iterator()
 
 
 def create_eval_iterable(

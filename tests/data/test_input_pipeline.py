@@ -73,6 +73,15 @@ def test_dataset_info(data_dir):
     assert (info.num_train_examples, info.num_eval_examples) == (20, 13)
 
 
+def test_pipelines_run_without_tf_data_autotuning(data_dir):
+    # Deleting an autotuned iterator waits for its model thread: up to half a minute at the
+    # end of every training run and evaluation pass.
+    config = _config(data_dir)
+    assert input_pipeline.train_dataset(config).options().autotune.enabled is False
+    eval_dataset = input_pipeline.create_eval_iterable(config).dataset()
+    assert eval_dataset.options().autotune.enabled is False
+
+
 def test_train_batches(data_dir):
     config = _config(data_dir, border_weights=True, color_jitter=0.4)
     batch = next(input_pipeline.create_train_iterator(config))
