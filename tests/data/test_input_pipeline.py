@@ -75,7 +75,7 @@ def test_dataset_info(data_dir):
 
 def test_pipelines_run_without_tf_data_autotuning(data_dir):
     # Deleting an autotuned iterator waits for its model thread: up to half a minute at the
-    # end of every training run and evaluation pass.
+    # end of a training run (docs/performance.md).
     config = _config(data_dir)
     assert input_pipeline.train_dataset(config).options().autotune.enabled is False
     eval_dataset = input_pipeline.create_eval_iterable(config).dataset()
