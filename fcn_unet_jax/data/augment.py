@@ -150,7 +150,7 @@ def random_crop(
     `pad_value` and the mask with `ignore_label`, so padded pixels are never scored.
 
     Args:
-      image: float32 `[H, W, C]`.
+      image: `[H, W, C]` in pixel space (uint8 or float).
       mask: integer `[H, W, 1]`.
       seed: shape `[2]` integer seed.
       crop_size: `(height, width)` of the output.
@@ -158,20 +158,26 @@ def random_crop(
       ignore_label: mask fill.
 
     Returns:
-      Image `[crop_h, crop_w, C]` and mask `[crop_h, crop_w, 1]`.
+      float32 image `[crop_h, crop_w, C]` and int32 mask `[crop_h, crop_w, 1]`.
     """
     crop_h, crop_w = int(crop_size[0]), int(crop_size[1])
     height, width = tf.shape(image)[0], tf.shape(image)[1]
     pad_h, pad_w = tf.maximum(crop_h - height, 0), tf.maximum(crop_w - width, 0)
-    paddings = [[0, pad_h], [0, pad_w], [0, 0]]
-    image = _pad_constant(image, paddings, pad_value)
-    mask = _pad_constant(mask, paddings, ignore_label)
     limit = tf.stack([height + pad_h - crop_h + 1, width + pad_w - crop_w + 1])
     # Integer stateless_uniform takes scalar bounds only; floor(u * limit) is uniform too.
     offset = tf.cast(tf.random.stateless_uniform([2], seed) * tf.cast(limit, tf.float32), tf.int32)
     offset = tf.minimum(offset, limit - 1)
-    image = tf.slice(image, [offset[0], offset[1], 0], [crop_h, crop_w, -1])
-    mask = tf.slice(mask, [offset[0], offset[1], 0], [crop_h, crop_w, -1])
+    # The window of the input padded to at least the crop size, taken as the part inside
+    # the input, then padded: the cast and the padding arithmetic run on the crop only,
+    # and give the same values as padding the whole input first.
+    inside = tf.stack(
+        [tf.minimum(crop_h, height - offset[0]), tf.minimum(crop_w, width - offset[1])]
+    )
+    paddings = [[0, crop_h - inside[0]], [0, crop_w - inside[1]], [0, 0]]
+    image = tf.slice(image, [offset[0], offset[1], 0], [inside[0], inside[1], -1])
+    mask = tf.slice(mask, [offset[0], offset[1], 0], [inside[0], inside[1], -1])
+    image = _pad_constant(tf.cast(image, tf.float32), paddings, pad_value)
+    mask = _pad_constant(tf.cast(mask, tf.int32), paddings, ignore_label)
     return tf.ensure_shape(image, [crop_h, crop_w, None]), tf.ensure_shape(
         mask, [crop_h, crop_w, 1]
     )
@@ -325,11 +331,12 @@ def train_augment(
       float32 image `[crop_h, crop_w, 3]` in pixel space and int32 mask `[crop_h, crop_w, 1]`.
     """
     seeds = tf.random.experimental.stateless_split(seed, 5)
-    image = tf.cast(image, tf.float32)
     mask = tf.cast(mask, tf.int32)
-    image = color_jitter(image, seeds[0], color_jitter_strength)
+    # Without jitter or rescaling the crop casts the image itself, on the crop only.
+    if color_jitter_strength > 0:
+        image = color_jitter(tf.cast(image, tf.float32), seeds[0], color_jitter_strength)
     if tuple(scale_range) != (1.0, 1.0):
-        image, mask = random_scale(image, mask, seeds[1], scale_range)
+        image, mask = random_scale(tf.cast(image, tf.float32), mask, seeds[1], scale_range)
     image, mask = random_crop(image, mask, seeds[2], crop_size, pad_value, ignore_label)
     if hflip:
         image, mask = random_flip(image, mask, seeds[3])

@@ -90,6 +90,36 @@ def test_random_crop_windows_are_aligned_and_vary():
     assert len(offsets) > 1
 
 
+@pytest.mark.parametrize('crop_size', [(16, 16), (24, 12), (12, 40), (30, 40)])
+def test_random_crop_of_uint8_equals_the_window_of_the_padded_float_input(crop_size):
+    # The crop slices before it casts and pads; its output must still be a window of the
+    # whole input cast to float32 and padded (with the same float32 arithmetic), for crops
+    # inside the input, taller, wider or both.
+    image, mask = _example(20, 30)
+    image8, mask8 = tf.cast(image, tf.uint8), tf.cast(mask, tf.uint8)
+    crop_h, crop_w = crop_size
+    height, width = max(20, crop_h), max(30, crop_w)
+    pad = np.float32(PAD)
+    padded = np.zeros((height, width, 3), np.float32)
+    padded[:20, :30] = image.numpy() - pad
+    padded = padded + pad
+    padded_mask = np.full((height, width, 1), IGNORE, np.int32)
+    padded_mask[:20, :30] = mask.numpy()
+    for seed in range(4):
+        out_image, out_mask = augment.random_crop(
+            image8, mask8, _seed(seed), crop_size, PAD, IGNORE
+        )
+        assert out_image.dtype == tf.float32 and out_mask.dtype == tf.int32
+        windows = [
+            (y, x)
+            for y in range(height - crop_h + 1)
+            for x in range(width - crop_w + 1)
+            if np.array_equal(out_image.numpy(), padded[y : y + crop_h, x : x + crop_w])
+            and np.array_equal(out_mask.numpy(), padded_mask[y : y + crop_h, x : x + crop_w])
+        ]
+        assert windows, f'seed {seed}: not a window of the padded input'
+
+
 def test_random_flip_moves_image_and_mask_together():
     image, mask = _example()
     flipped = 0
