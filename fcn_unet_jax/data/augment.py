@@ -1,10 +1,11 @@
 """Joint image + mask augmentation ops for tf.data (also usable eagerly).
 
-Every op takes the image as float32 `[H, W, C]` in pixel space ([0, 255], RGB) and the
-mask as an integer `[H, W, 1]` tensor of class indices, and moves both with one random
-draw: bilinear (or bicubic) interpolation for the image, nearest neighbour for the mask.
-Pixels that come from outside the source are filled with `pad_value` in the image (the
-dataset mean, which normalisation maps to 0) and with the ignore label in the mask.
+Every op takes the image as float32 `[H, W, C]` in pixel space ([0, 255], RGB; `random_crop`
+also takes uint8 and casts only its crop) and the mask as an integer `[H, W, 1]` tensor of
+class indices, and moves both with one random draw: bilinear (or bicubic) interpolation
+for the image, nearest neighbour for the mask. Pixels that come from outside the source
+are filled with `pad_value` in the image (the dataset mean, which normalisation maps to 0)
+and with the ignore label in the mask.
 
 All randomness is stateless: each op takes an explicit `seed` (a shape `[2]` integer
 tensor), so an augmentation is a pure function of its seed and the pipeline can be
