@@ -44,7 +44,8 @@ spread.
   higher, by 0.010 to 0.127), and their mean moves by 0.008 from step 800 to 1,200.
 
 The sweeps take about 1.5 hours of an idle 2-core CPU together, not the hour aimed at:
-each 1,200-step FCN run about 180 s, each 800-step U-Net run 160 to 230 s.
+46 minutes for the FCN (1,200-step runs of 150 to 215 s), 47 for the U-Net (800-step runs
+of 160 to 210 s).
 
     python -m experiments.skip_ablation --family=fcn --config=configs/skip_ablation_shapes.py:fcn \
         --variants=32s,16s,8s --seeds=0,1,2,3,4 --output=workdirs/ablation_fcn
