@@ -59,10 +59,9 @@ from absl import app, flags
 
 from benchmarks import model_setup
 from fcn_unet_jax import errors, sharding, xla_options
+from fcn_unet_jax import huge_pages as huge_pages_lib
 
 FLAGS = flags.FLAGS
-# glibc reads its tunables only when a process starts, hence a worker-only setting.
-HUGE_PAGES_TUNABLE = 'glibc.malloc.hugetlb=1'
 DEFAULT_MODELS = [
     'fcn8s_vgg16',
     'fcn_resnet50',
@@ -86,7 +85,7 @@ flags.DEFINE_bool(
     'jax_huge_pages',
     False,
     'Run the JAX workers with glibc malloc on transparent huge pages '
-    f'(GLIBC_TUNABLES={HUGE_PAGES_TUNABLE}); the PyTorch workers keep the defaults.',
+    f'(GLIBC_TUNABLES={huge_pages_lib.TUNABLE}); the PyTorch workers keep the defaults.',
 )
 flags.DEFINE_string('worker', None, 'Internal: "jax:MODEL" or "torch:MODEL" in a subprocess.')
 
@@ -317,14 +316,9 @@ def worker_environment(kind: str, huge_pages: bool) -> dict[str, str]:
     step takes about 250,000 page faults; with glibc's huge-page tunable 2,000-3,400. Only
     the JAX workers get it: it slowed PyTorch's steps by 13-25% on our Xeon CI host.
     """
-    env = dict(os.environ)
     if huge_pages and kind == 'jax':
-        tunables = [t for t in env.get('GLIBC_TUNABLES', '').split(':') if t]
-        name = HUGE_PAGES_TUNABLE.split('=')[0]
-        if not any(t.split('=')[0] == name for t in tunables):
-            tunables.append(HUGE_PAGES_TUNABLE)  # A value the user set is kept.
-        env['GLIBC_TUNABLES'] = ':'.join(tunables)
-    return env
+        return huge_pages_lib.environment_with_huge_pages(os.environ)  # The user's value kept.
+    return dict(os.environ)
 
 
 def _run_worker(kind: str, name: str) -> dict[str, Any]:

@@ -31,7 +31,7 @@ import runpy
 import sys
 from collections.abc import Sequence
 
-from fcn_unet_jax import console
+from fcn_unet_jax import console, huge_pages
 
 PROGRAM = 'fcn-unet'
 # verb -> (module, flags the verb adds in front of the user's).
@@ -80,12 +80,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Runs the program of the verb in `argv` (default: the command line) with its flags.
 
     Args:
-      argv: the command line, program name first.
+      argv: the command line, program name first; None = `sys.argv`, and then the
+        process restarts on huge pages first where that helps (`huge_pages.py`).
 
     Raises:
       SystemExit: with the program's exit status; 1 and a one-line error for an unknown
         verb; 0 after the usage for `--help` (or no verb).
     """
+    from_command_line = argv is None
     argv = list(sys.argv if argv is None else argv)
     if len(argv) < 2 or argv[1] in ('-h', '--help', 'help'):
         print(usage())
@@ -107,6 +109,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                 file=sys.stderr,
             )
             sys.exit(1)
+    if from_command_line:
+        # Before anything imports JAX or TensorFlow, as `python -m` programs do
+        # (fcn_unet_jax/__init__.py); a caller's own process is never replaced.
+        huge_pages.restart_on_huge_pages()
     console.silence_native_logs()  # Before anything imports TensorFlow.
     if importlib.util.find_spec(module) is None:
         print(

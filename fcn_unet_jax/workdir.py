@@ -41,7 +41,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from fcn_unet_jax import errors
+from fcn_unet_jax import errors, huge_pages
 
 CONFIG_FILE = 'config.json'
 CONFIG_HISTORY_FILE = 'config_history.jsonl'
@@ -493,7 +493,8 @@ def run_info(
     Returns:
       `platform` ('cpu', 'gpu', 'tpu'), `device_kind` (e.g. 'TPU v4'), `device_count` (devices
       of the mesh), `local_device_count` (those of this process), `process_count`,
-      `global_batch_size`, `jax_version` and `flax_version`.
+      `global_batch_size`, `jax_version`, `flax_version` and `huge_pages` (whether the
+      process allocates on huge pages, `huge_pages.in_use`; it changes the wall time).
     """
     devices = list(devices) if devices is not None else jax.devices()
     return {
@@ -505,6 +506,7 @@ def run_info(
         'global_batch_size': config.batch_size,
         'jax_version': jax.__version__,
         'flax_version': flax.__version__,
+        'huge_pages': huge_pages.in_use(),
     }
 
 
