@@ -38,8 +38,16 @@ TUNABLE = f'{TUNABLE_NAME}=1'
 PROGRAM_PACKAGES = ('fcn_unet_jax', 'experiments')
 _MIN_GLIBC = (2, 35)  # The first glibc with `glibc.malloc.hugetlb`.
 _THP_MODE_FILE = '/sys/kernel/mm/transparent_hugepage/enabled'
+# The kernel's modes in which malloc's `madvise` gets transparent huge pages.
+_THP_ON = ('always', 'madvise')
 # The interpreter's options that take the next argument as their value.
 _OPTIONS_WITH_VALUE = ('-W', '-X')
+
+
+def _tunable_values(tunables: str | None) -> list[str]:
+    """The values `glibc.malloc.hugetlb` has in the `GLIBC_TUNABLES` value `tunables`."""
+    entries = (entry.partition('=') for entry in (tunables or '').split(':'))
+    return [value for name, _, value in entries if name == TUNABLE_NAME]
 
 
 def tunables_with_huge_pages(tunables: str | None) -> str:
@@ -48,7 +56,7 @@ def tunables_with_huge_pages(tunables: str | None) -> str:
     A value the user gave (`glibc.malloc.hugetlb=0` or `=2` included) is kept as it is.
     """
     entries = [entry for entry in (tunables or '').split(':') if entry]
-    if not any(entry.split('=')[0] == TUNABLE_NAME for entry in entries):
+    if not _tunable_values(tunables):
         entries.append(TUNABLE)
     return ':'.join(entries)
 
@@ -111,10 +119,9 @@ def restart_needed(
     thp_mode: str | None,
 ) -> bool:
     """Whether a process with `environ` on this system gains by restarting on huge pages."""
-    if not _glibc_honours_the_tunable(platform, libc) or thp_mode not in ('always', 'madvise'):
+    if not _glibc_honours_the_tunable(platform, libc) or thp_mode not in _THP_ON:
         return False
-    tunables = environ.get('GLIBC_TUNABLES', '')
-    return not any(entry.split('=')[0] == TUNABLE_NAME for entry in tunables.split(':'))
+    return not _tunable_values(environ.get('GLIBC_TUNABLES'))
 
 
 def restart_on_huge_pages() -> None:
@@ -157,12 +164,8 @@ def in_use(environ: Mapping[str, str] | None = None) -> bool:
     environ = os.environ if environ is None else environ
     if not _glibc_honours_the_tunable(sys.platform, glibc_version()):
         return False
-    values = [
-        entry.partition('=')[2]
-        for entry in environ.get('GLIBC_TUNABLES', '').split(':')
-        if entry.split('=')[0] == TUNABLE_NAME
-    ]
+    values = _tunable_values(environ.get('GLIBC_TUNABLES'))
     if not values or values[-1] not in ('1', '2'):
         return False
     # 2 = reserved hugetlbfs pages, which need no transparent huge pages.
-    return values[-1] == '2' or transparent_huge_page_mode() in ('always', 'madvise')
+    return values[-1] == '2' or transparent_huge_page_mode() in _THP_ON
