@@ -336,6 +336,9 @@ class CheckpointManager:
           CheckpointMismatchError: the newest readable step holds another structure or other
             shapes than `abstract_state` (nothing is moved).
         """
+        # Installed before any read starts: orbax closes its loop as soon as one read
+        # fails, and the reads still in flight can report before the failure reaches us.
+        _quiet_abandoned_reads()
         for step in reversed(self.all_steps()):
             try:
                 self._check_fits(step, abstract_state)
@@ -349,7 +352,6 @@ class CheckpointManager:
         return None, None
 
     def _report_damaged(self, step: int, error: BaseException) -> None:
-        _quiet_abandoned_reads()  # Before the step's reads still in flight report.
         path = self.directory / str(step)
         if self.read_only:
             action = 'left in place; trying the previous checkpoint'

@@ -213,6 +213,29 @@ def test_late_reads_on_the_closed_loop_are_dropped_however_they_get_there(
     assert reported == [unrelated]
 
 
+def test_reads_that_report_before_the_failure_arrives_are_dropped_too(manager, monkeypatch):
+    # A read in flight can find orbax's loop closed before the failed read's exception
+    # has reached `restore_latest`: the hook must already be in place when reads start.
+    reported = []
+    monkeypatch.setattr(sys, 'unraisablehook', reported.append)
+    loop = asyncio.new_event_loop()
+    loop.close()
+    late_read = _unraisable_from(functools.partial(loop.call_soon_threadsafe, print))
+    orbax_restore = manager._manager.restore
+
+    def restore_with_an_early_report(step, args):
+        if step == 3:
+            sys.unraisablehook(late_read)
+            raise ValueError('Encountered error while reading array index 0')
+        return orbax_restore(step, args=args)
+
+    monkeypatch.setattr(manager._manager, 'restore', restore_with_an_early_report)
+    with absltest.mock.patch.object(checkpointing.logging, 'warning'):
+        _, step = manager.restore_latest(_abstract(_state(0)))
+    assert step == 2
+    assert not reported
+
+
 def test_a_read_only_manager_leaves_damaged_steps_in_place(manager, tmp_path):
     _damage(manager.directory / '3')
     before = _files(tmp_path)
