@@ -107,6 +107,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # split's largest image size rounded up to a multiple of 32.
     config.input.eval_pad_size = ml_collections.config_dict.placeholder(tuple)
     config.input.prefetch = 2
+    # Decode the train split once and keep it in memory (data/decoded_cache.py): for splits
+    # far smaller than the machine's memory, whose images a run would decode every epoch.
+    config.input.cache_decoded = False
 
     config.batch_size = 8  # Global batch size, independent of the number of devices.
     config.eval_batch_size = 8  # Global eval batch size.

@@ -31,7 +31,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from fcn_unet_jax import errors
-from fcn_unet_jax.data import augment, builders
+from fcn_unet_jax.data import augment, builders, decoded_cache
 from fcn_unet_jax.data.weight_map import border_weight_map
 
 # Offsets folded into config.seed, so that the data order and the augmentations are
@@ -312,12 +312,11 @@ def train_dataset(
     def read(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         return {'record': _read_records(source, batch['index']), 'seed': batch['seed']}
 
-    def process(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        decoded = _decode(builder, example['record'])
+    def process(decoded: dict[str, tf.Tensor], seed: tf.Tensor) -> dict[str, tf.Tensor]:
         image, mask = augment.train_augment(
             decoded['image'],
             decoded['segmentation_mask'],
-            example['seed'],
+            seed,
             crop_size=crop_size,
             scale_range=tuple(config.input.scale_range),
             hflip=config.input.hflip,
@@ -345,11 +344,23 @@ def train_dataset(
         return features
 
     first = start_step * local_batch
-    ds = tf.data.Dataset.range(first, np.iinfo(np.int64).max)
-    ds = ds.map(sample).batch(local_batch)
-    # Reading stays sequential (one call per batch); decoding and augmenting run in parallel.
-    ds = ds.map(read).unbatch()
-    ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = tf.data.Dataset.range(first, np.iinfo(np.int64).max).map(sample)
+    if config.input.cache_decoded:
+        decoded = decoded_cache.decoded_split(builder, split, source, lambda: _image_sizes(source))
+        ds = ds.map(
+            lambda s: process(decoded.lookup(s['index']), s['seed']),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
+    else:
+        # Reading stays sequential (one call per batch); decoding and augmenting run in
+        # parallel.
+        ds = ds.batch(local_batch).map(read).unbatch()
+        ds = ds.map(
+            lambda e: process(_decode(builder, e['record']), e['seed']),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
     ds = ds.batch(local_batch, drop_remainder=True).prefetch(config.input.prefetch)
     return _without_autotuning(ds)
 
@@ -368,10 +379,15 @@ def _image_size(record: bytes) -> tuple[int, int]:
 _MAX_SIZE_CACHE: dict[tuple[str, str], tuple[int, int]] = {}
 
 
+def _image_sizes(source) -> np.ndarray:
+    """int64 `[n, 2]`: (height, width) of every example of `source`, from the headers."""
+    return np.array([_image_size(record) for record in source], np.int64).reshape(-1, 2)
+
+
 def _split_max_size(builder: tfds.core.DatasetBuilder, split: str) -> tuple[int, int]:
     key = (str(builder.data_dir), split)
     if key not in _MAX_SIZE_CACHE:
-        sizes = np.array([_image_size(record) for record in _random_access_source(builder, split)])
+        sizes = _image_sizes(_random_access_source(builder, split))
         if not len(sizes):
             raise errors.UserError(f'Split {split!r} of {builder.name} is empty.')
         _MAX_SIZE_CACHE[key] = tuple(int(n) for n in sizes.max(axis=0))

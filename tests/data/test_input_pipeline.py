@@ -5,6 +5,7 @@ Training uses 20 examples and a global batch of 8, so epoch boundaries fall insi
 """
 
 import itertools
+import types
 
 import ml_collections
 import numpy as np
@@ -13,7 +14,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from configs import default
-from fcn_unet_jax.data import builders, input_pipeline
+from fcn_unet_jax import errors
+from fcn_unet_jax.data import builders, decoded_cache, input_pipeline
 
 TRAIN_SPLIT = 'train[:20]'
 EVAL_SPLIT = 'validation[:13]'
@@ -143,6 +145,73 @@ def test_processes_split_each_global_batch(data_dir):
             np.testing.assert_array_equal(joined, batch[key], err_msg=key)
     with pytest.raises(ValueError, match='not divisible'):
         input_pipeline.create_train_iterator(config, process_index=0, process_count=3)
+
+
+def test_the_decoded_cache_gives_the_same_batches(data_dir, monkeypatch):
+    # Every augmentation and the border weights, across both epoch boundaries (batches 2
+    # and 5), resumed mid-stream and split over processes.
+    config = _config(data_dir, border_weights=True, color_jitter=0.4)
+    plain = _take(input_pipeline.create_train_iterator(config), 6)
+    config.input.cache_decoded = True
+
+    def no_decoding(*args):
+        raise AssertionError('a record was decoded while the cache was on')
+
+    monkeypatch.setattr(input_pipeline, '_decode', no_decoding)
+    _assert_batches_equal(_take(input_pipeline.create_train_iterator(config), 6), plain)
+    # The split is decoded once per process: the runs of a sweep share it.
+    monkeypatch.setattr(decoded_cache, '_decode_all', no_decoding)
+    resumed = _take(input_pipeline.create_train_iterator(config, start_step=3), 3)
+    _assert_batches_equal(resumed, plain[3:])
+    parts = [
+        _take(input_pipeline.create_train_iterator(config, process_index=p, process_count=2), 6)
+        for p in range(2)
+    ]
+    for step, batch in enumerate(plain):
+        for key in batch:
+            joined = np.concatenate([parts[0][step][key], parts[1][step][key]])
+            np.testing.assert_array_equal(joined, batch[key], err_msg=key)
+
+
+def test_the_decoded_cache_refuses_a_split_that_does_not_fit(data_dir, monkeypatch):
+    config = _config(data_dir, cache_decoded=True)
+    config.dataset.train_split = 'train[:12]'  # Not the split a test before may have cached.
+    # 12 decoded 64 x 64 examples (RGB image and mask): 12 * 64 * 64 * 4 bytes.
+    monkeypatch.setattr(decoded_cache, '_physical_memory', lambda: 4 * 12 * 64 * 64 * 4 - 4)
+    with pytest.raises(errors.UserError) as error:
+        input_pipeline.create_train_iterator(config)
+    message = str(error.value)
+    assert "split 'train[:12]' of shapes" in message and 'cache_decoded' in message
+    assert '\n' not in message and 'cache_decoded=False' in error.value.hint
+    monkeypatch.setattr(decoded_cache, '_physical_memory', lambda: 4 * 12 * 64 * 64 * 4)
+    assert next(input_pipeline.create_train_iterator(config))['image'].shape == (8, 48, 48, 3)
+
+
+def test_the_decoded_cache_keeps_each_example_s_own_shape():
+    features = {
+        'image': types.SimpleNamespace(shape=(None, None, 3)),
+        'segmentation_mask': types.SimpleNamespace(shape=(None, None, 1)),
+    }
+    builder = types.SimpleNamespace(info=types.SimpleNamespace(features=features))
+    rng = np.random.default_rng(0)
+    sizes = [(5, 7), (1, 1), (6, 3)]
+    values = {
+        name: [rng.integers(0, 255, (*size, c), np.uint8) for size in sizes]
+        for name, c in (('image', 3), ('segmentation_mask', 1))
+    }
+    split = decoded_cache.DecodedSplit(
+        {name: decoded_cache._concatenate(builder, name, v) for name, v in values.items()},
+        num_examples=3,
+        nbytes=0,
+    )
+    lookup = tf.function(split.lookup)
+    for index in (2, 0, 1):
+        example = lookup(tf.constant(index, tf.int64))
+        for name in values:
+            np.testing.assert_array_equal(example[name].numpy(), values[name][index])
+    assert lookup.get_concrete_function(tf.constant(0, tf.int64)).structured_outputs[
+        'image'
+    ].shape.as_list() == [None, None, 3]
 
 
 def _real_examples(batches) -> dict[bytes, dict[str, np.ndarray]]:
