@@ -6,10 +6,13 @@ it in the array_record format, and times the train pipeline (`train_dataset`) at
 size, with and without the elastic deformation (and optionally the border weight map).
 `--compare_autotuning` times each configuration a second time with tf.data's autotuning
 turned back on (the project's pipelines run without it, see
-`input_pipeline._without_autotuning`). Prints a Markdown table.
+`input_pipeline._without_autotuning`); `--compare_cache` times it with the split decoded
+once into memory (`config.input.cache_decoded`). Prints a Markdown table of examples/s and
+of the process's CPU time per batch: in training the pipeline shares the cores with the
+train step, so its CPU time, not its rate alone, is what it costs the step.
 
     python -m benchmarks.input_pipeline_benchmark [--crop_sizes=320,512] [--steps=20] \
-        [--border_weights] [--compare_autotuning]
+        [--border_weights] [--compare_autotuning] [--compare_cache]
 """
 
 import os
@@ -34,6 +37,9 @@ flags.DEFINE_integer('steps', 20, 'Timed steps per configuration (after 3 warm-u
 flags.DEFINE_bool('border_weights', False, 'Also time the border weight map.')
 flags.DEFINE_bool(
     'compare_autotuning', False, 'Also time each configuration with tf.data autotuning on.'
+)
+flags.DEFINE_bool(
+    'compare_cache', False, 'Also time each configuration with the decoded split in memory.'
 )
 flags.DEFINE_string('workdir', None, 'Where to write the data; default: a temporary folder.')
 
@@ -64,7 +70,8 @@ def _write_folder_dataset(root: str, num_images: int) -> None:
         Image.fromarray(mask).save(os.path.join(root, 'masks', f'{i:05d}.png'))
 
 
-def _examples_per_second(config, steps: int, autotuning: bool) -> float:
+def _rate_and_cpu(config, steps: int, autotuning: bool) -> tuple[float, float]:
+    """Examples/s and CPU milliseconds (all threads) per batch over `steps` batches."""
     dataset = input_pipeline.train_dataset(config)
     if autotuning:
         options = tf.data.Options()
@@ -73,10 +80,12 @@ def _examples_per_second(config, steps: int, autotuning: bool) -> float:
     iterator = dataset.as_numpy_iterator()
     for _ in range(3):
         next(iterator)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), os.times()
     for _ in range(steps):
         next(iterator)
-    return steps * config.batch_size / (time.perf_counter() - start)
+    seconds, end_cpu = time.perf_counter() - start, os.times()
+    cpu_seconds = end_cpu.user + end_cpu.system - cpu.user - cpu.system
+    return steps * config.batch_size / seconds, 1000 * cpu_seconds / steps
 
 
 def main(argv):
@@ -99,6 +108,7 @@ def main(argv):
 
     variants = [('no', False), ('yes', True)]
     tunings = [False, True] if FLAGS.compare_autotuning else [False]
+    caches = [False, True] if FLAGS.compare_cache else [False]
     rows = []
     for crop in (int(c) for c in FLAGS.crop_sizes):
         for elastic_name, elastic in variants:
@@ -106,18 +116,24 @@ def main(argv):
             config.input.elastic = elastic
             config.input.border_weights = FLAGS.border_weights
             for autotuning in tunings:
-                rate = _examples_per_second(config, FLAGS.steps, autotuning)
-                rows.append(
-                    f'| {crop} | {elastic_name} | {FLAGS.border_weights} | '
-                    f'{"on" if autotuning else "off"} | {rate:.1f} |'
-                )
+                for cache in caches:
+                    config.input.cache_decoded = cache
+                    rate, cpu = _rate_and_cpu(config, FLAGS.steps, autotuning)
+                    rows.append(
+                        f'| {crop} | {elastic_name} | {FLAGS.border_weights} | '
+                        f'{"on" if autotuning else "off"} | {"yes" if cache else "no"} | '
+                        f'{rate:.1f} | {cpu:.0f} |'
+                    )
 
     print(
         f'\n{FLAGS.num_images} JPEGs of ~500x375, batch {FLAGS.batch_size}, {os.cpu_count()} CPUs'
     )
     print('scale (0.5, 2.0), hflip, no colour jitter, FCN BGR normalisation\n')
-    print('| crop | elastic | border weights | tf.data autotuning | examples/s |')
-    print('| ---: | :---: | :---: | :---: | ---: |')
+    print(
+        '| crop | elastic | border weights | tf.data autotuning | decoded cache | examples/s '
+        '| CPU ms/batch |'
+    )
+    print('| ---: | :---: | :---: | :---: | :---: | ---: | ---: |')
     print('\n'.join(rows))
 
 
