@@ -88,19 +88,14 @@ def _physical_memory() -> int:
     return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
 
 
-def _decode_all(builder: tfds.core.DatasetBuilder, source) -> dict[str, list[np.ndarray]]:
+def _decode_all(
+    num_examples: int,
+    read: Callable[[tf.Tensor], tf.Tensor],
+    decode: Callable[[tf.Tensor], dict[str, tf.Tensor]],
+) -> dict[str, list[np.ndarray]]:
     """Every example's FEATURES, decoded in parallel by tf.data, in index order."""
-
-    def read(keys: np.ndarray) -> np.ndarray:
-        return np.asarray(source.__getitems__([int(k) for k in keys]), dtype=object)
-
-    def decode(record: tf.Tensor) -> dict[str, tf.Tensor]:
-        example = builder.info.features.deserialize_example(record)
-        return {name: example[name] for name in FEATURES}
-
-    ds = tf.data.Dataset.range(len(source)).batch(_READ_BATCH)
-    ds = ds.map(lambda keys: tf.numpy_function(read, [keys], tf.string, stateful=False))
-    ds = ds.unbatch().map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = tf.data.Dataset.range(num_examples).batch(_READ_BATCH).map(read).unbatch()
+    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     values: dict[str, list[np.ndarray]] = {name: [] for name in FEATURES}
     for example in ds.as_numpy_iterator():
         for name in FEATURES:
@@ -111,7 +106,7 @@ def _decode_all(builder: tfds.core.DatasetBuilder, source) -> dict[str, list[np.
 def _concatenate(builder: tfds.core.DatasetBuilder, name: str, values: list[np.ndarray]):
     shapes = np.array([v.shape for v in values], np.int64)
     offsets = np.concatenate([[0], np.cumsum(np.prod(shapes, axis=1))]).astype(np.int64)
-    flat = np.concatenate([v.reshape(-1) for v in values]) if values else np.zeros(0)
+    flat = np.concatenate([v.reshape(-1) for v in values])
     return _Feature(
         flat=tf.constant(flat),
         offsets=tf.constant(offsets),
@@ -129,6 +124,8 @@ def decoded_split(
     split: str,
     source,
     image_sizes: Callable[[], np.ndarray],
+    read: Callable[[tf.Tensor], tf.Tensor],
+    decode: Callable[[tf.Tensor], dict[str, tf.Tensor]],
 ) -> DecodedSplit:
     """Decodes `split` once per process (the last split asked for is kept).
 
@@ -138,6 +135,8 @@ def decoded_split(
       source: the split's serialized examples, a random-access sequence.
       image_sizes: returns int `[n, 2]`, each example's (height, width) from its image
         header (called only when the split is not cached yet).
+      read: serialized examples of a 1-D tensor of indices (the train stream's reader).
+      decode: the features of one serialized example (the train stream's decoder).
 
     Raises:
       errors.UserError: the decoded split would take more than `MAX_FRACTION_OF_MEMORY` of
@@ -156,7 +155,7 @@ def decoded_split(
             hint='set --config.input.cache_decoded=False',
         )
     _CACHED.clear()  # Free the previous split before decoding this one.
-    values = _decode_all(builder, source)
+    values = _decode_all(len(source), read, decode)
     features = {name: _concatenate(builder, name, values[name]) for name in FEATURES}
     _CACHED[key] = DecodedSplit(features, len(source), nbytes)
     return _CACHED[key]

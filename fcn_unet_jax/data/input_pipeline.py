@@ -346,7 +346,14 @@ def train_dataset(
     first = start_step * local_batch
     ds = tf.data.Dataset.range(first, np.iinfo(np.int64).max).map(sample)
     if config.input.cache_decoded:
-        decoded = decoded_cache.decoded_split(builder, split, source, lambda: _image_sizes(source))
+        decoded = decoded_cache.decoded_split(
+            builder,
+            split,
+            source,
+            lambda: _image_sizes(source),
+            read=functools.partial(_read_records, source),
+            decode=functools.partial(_decode, builder),
+        )
         ds = ds.map(
             lambda s: process(decoded.lookup(s['index']), s['seed']),
             num_parallel_calls=tf.data.AUTOTUNE,

@@ -153,14 +153,17 @@ def test_the_decoded_cache_gives_the_same_batches(data_dir, monkeypatch):
     config = _config(data_dir, border_weights=True, color_jitter=0.4)
     plain = _take(input_pipeline.create_train_iterator(config), 6)
     config.input.cache_decoded = True
+    first = _take(input_pipeline.create_train_iterator(config), 6)  # Fills the cache.
+    _assert_batches_equal(first, plain)
 
     def no_decoding(*args):
-        raise AssertionError('a record was decoded while the cache was on')
+        raise AssertionError('a record was decoded while the cache was filled')
 
+    # From then on no record is decoded: the split is decoded once per process, and the
+    # runs of a sweep share it.
     monkeypatch.setattr(input_pipeline, '_decode', no_decoding)
-    _assert_batches_equal(_take(input_pipeline.create_train_iterator(config), 6), plain)
-    # The split is decoded once per process: the runs of a sweep share it.
     monkeypatch.setattr(decoded_cache, '_decode_all', no_decoding)
+    _assert_batches_equal(_take(input_pipeline.create_train_iterator(config), 6), plain)
     resumed = _take(input_pipeline.create_train_iterator(config, start_step=3), 3)
     _assert_batches_equal(resumed, plain[3:])
     parts = [
