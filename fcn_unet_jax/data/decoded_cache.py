@@ -50,17 +50,10 @@ class _Feature:
 
 
 class DecodedSplit:
-    """The decoded `FEATURES` of every example of one split.
+    """The decoded `FEATURES` of every example of one split."""
 
-    Attributes:
-      num_examples: number of examples in the split.
-      nbytes: host memory the decoded values take.
-    """
-
-    def __init__(self, features: dict[str, _Feature], num_examples: int, nbytes: int):
+    def __init__(self, features: dict[str, _Feature]):
         self._features = features
-        self.num_examples = num_examples
-        self.nbytes = nbytes
 
     def lookup(self, index: tf.Tensor) -> dict[str, tf.Tensor]:
         """The decoded features of example `index`, a scalar int64 tensor (inside tf.data)."""
@@ -157,5 +150,5 @@ def decoded_split(
     _CACHED.clear()  # Free the previous split before decoding this one.
     values = _decode_all(len(source), read, decode)
     features = {name: _concatenate(builder, name, values[name]) for name in FEATURES}
-    _CACHED[key] = DecodedSplit(features, len(source), nbytes)
+    _CACHED[key] = DecodedSplit(features)
     return _CACHED[key]

@@ -203,9 +203,7 @@ def test_the_decoded_cache_keeps_each_example_s_own_shape():
         for name, c in (('image', 3), ('segmentation_mask', 1))
     }
     split = decoded_cache.DecodedSplit(
-        {name: decoded_cache._concatenate(builder, name, v) for name, v in values.items()},
-        num_examples=3,
-        nbytes=0,
+        {name: decoded_cache._concatenate(builder, name, v) for name, v in values.items()}
     )
     lookup = tf.function(split.lookup)
     for index in (2, 0, 1):
