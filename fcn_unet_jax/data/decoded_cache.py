@@ -115,7 +115,7 @@ _CACHED: dict[tuple[str, str], DecodedSplit] = {}
 def decoded_split(
     builder: tfds.core.DatasetBuilder,
     split: str,
-    source,
+    num_examples: int,
     image_sizes: Callable[[], np.ndarray],
     read: Callable[[tf.Tensor], tf.Tensor],
     decode: Callable[[tf.Tensor], dict[str, tf.Tensor]],
@@ -125,7 +125,7 @@ def decoded_split(
     Args:
       builder: the prepared dataset's builder.
       split: the split's name.
-      source: the split's serialized examples, a random-access sequence.
+      num_examples: the split's size.
       image_sizes: returns int `[n, 2]`, each example's (height, width) from its image
         header (called only when the split is not cached yet).
       read: serialized examples of a 1-D tensor of indices (the train stream's reader).
@@ -148,7 +148,7 @@ def decoded_split(
             hint='set --config.input.cache_decoded=False',
         )
     _CACHED.clear()  # Free the previous split before decoding this one.
-    values = _decode_all(len(source), read, decode)
+    values = _decode_all(num_examples, read, decode)
     features = {name: _concatenate(builder, name, values[name]) for name in FEATURES}
     _CACHED[key] = DecodedSplit(features)
     return _CACHED[key]

@@ -349,7 +349,7 @@ def train_dataset(
         decoded = decoded_cache.decoded_split(
             builder,
             split,
-            source,
+            num_examples,
             lambda: _image_sizes(source),
             read=functools.partial(_read_records, source),
             decode=functools.partial(_decode, builder),
