@@ -61,7 +61,7 @@ from absl import app, flags, logging
 from matplotlib.figure import Figure
 from scipy import stats
 
-from fcn_unet_jax import config_files, errors, metrics, models, train, xla_options
+from fcn_unet_jax import config_files, errors, metrics, models, run_programs, train, xla_options
 from fcn_unet_jax import workdir as workdir_files
 
 FLAGS = flags.FLAGS
@@ -310,15 +310,18 @@ def run_sweep(
         'confidence': CONFIDENCE,
         'variants': {},
     }
-    for name in names:
-        results['variants'][name] = {
-            'skip_strides': list(available[name][0]),
-            'merge': available[name][1],
-            'num_train_steps': variant_train_steps(config, name),
-            'runs': {
-                str(seed): _run(config, name, available[name], seed, output) for seed in seeds
-            },
-        }
+    # A variant's seeds run one after another with the same config but the seed, so each
+    # takes over the previous run's compiled programs instead of tracing them again.
+    with run_programs.reuse_across_runs():
+        for name in names:
+            results['variants'][name] = {
+                'skip_strides': list(available[name][0]),
+                'merge': available[name][1],
+                'num_train_steps': variant_train_steps(config, name),
+                'runs': {
+                    str(seed): _run(config, name, available[name], seed, output) for seed in seeds
+                },
+            }
     summarize(results)
     results = workdir_files.jsonable(results)  # NaN (undefined) -> None, as in JSON.
     os.makedirs(output, exist_ok=True)

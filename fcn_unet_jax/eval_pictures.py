@@ -12,7 +12,7 @@ config's eval mode and test-time views), on the mesh like the eval step; only pr
 renders and writes.
 """
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -27,25 +27,34 @@ PREDICTIONS_TAG = 'eval/predictions'
 CONFUSION_TAG = 'eval/confusion_matrix'
 
 
+def jit_predict(
+    model: Any, config: Any, mesh: jax.sharding.Mesh
+) -> Callable[[Any, jax.Array], jax.Array]:
+    """`(state, images) -> class indices` with the run's inference, jitted over `mesh`."""
+    predict_fn = inference.make_predict_fn(model, config, mesh)
+    return jax.jit(
+        lambda state, images: jnp.argmax(predict_fn(state.variables(), images), axis=-1),
+        in_shardings=(sharding.replicated_sharding(mesh), sharding.batch_sharding(mesh)),
+        out_shardings=sharding.replicated_sharding(mesh),
+    )
+
+
 class EvalPictures:
     """Renders and writes the pictures of an evaluation of a `train.Trainer`'s state.
 
     The examples are read once, at the first `write`.
     """
 
-    def __init__(self, trainer: Any):
+    def __init__(self, trainer: Any, predict: Callable[[Any, jax.Array], jax.Array] | None = None):
+        """`predict`: `jit_predict(trainer.model, trainer.config, trainer.mesh)`, built here
+        when None."""
         self._trainer = trainer
         self._count = trainer.config.eval.tensorboard_images
         self._examples: dict[str, np.ndarray] | None = None
         self._kept: list[int] = []
         self._images: jax.Array | None = None
-        predict_fn = inference.make_predict_fn(trainer.model, trainer.config, trainer.mesh)
         self._predict = console.FirstCallLogger(
-            jax.jit(
-                lambda state, images: jnp.argmax(predict_fn(state.variables(), images), axis=-1),
-                in_shardings=(trainer.replicated, trainer.batch_sharding),
-                out_shardings=trainer.replicated,
-            ),
+            predict or jit_predict(trainer.model, trainer.config, trainer.mesh),
             'the predictions for TensorBoard',
         )
 

@@ -44,7 +44,7 @@ from fcn_unet_jax import (
     errors,
     eval_pictures,
     metrics,
-    models,
+    run_programs,
     sharding,
     train_steps,
 )
@@ -108,7 +108,10 @@ class Trainer:
                 hint=f'set --config.model.num_classes={self.info.num_classes}',
             )
         console.log_dataset(self.info, config)
-        self.model = models.build_model(config.model)
+        # The previous run's programs when a sweep reuses them (`run_programs`).
+        programs = run_programs.programs_for(config, self.mesh)
+        self.model = programs.model
+        self._state_programs = programs.state
         self.replicated = sharding.replicated_sharding(self.mesh)
         self.batch_sharding = sharding.batch_sharding(self.mesh)
         # Made inside jit so the keys are global arrays, also across processes.
@@ -117,24 +120,23 @@ class Trainer:
             out_shardings=self.replicated,
         )()
         logging.info('initialising the model ...')
-        self.state, tx, schedule = train_steps.create_train_state(
-            config, self.model, self.mesh, self._init_rng, pretrained=pretrained
+        self.state, _, _ = train_steps.create_train_state(
+            config,
+            self.model,
+            self.mesh,
+            self._init_rng,
+            pretrained=pretrained,
+            programs=self._state_programs,
         )
-        self.train_step = console.FirstCallLogger(
-            train_steps.jit_train_step(config, self.model, tx, schedule, self.mesh),
-            'the train step',
-        )
-        self.eval_step = console.FirstCallLogger(
-            train_steps.jit_eval_step(config, self.model, self.mesh),
-            'the eval step',
-        )
-        self.pictures = eval_pictures.EvalPictures(self)
+        self.train_step = console.FirstCallLogger(programs.train_step, 'the train step')
+        self.eval_step = console.FirstCallLogger(programs.eval_step, 'the eval step')
+        self.pictures = eval_pictures.EvalPictures(self, programs.predict)
 
     def load_pretrained(self) -> None:
         """Re-initialises `state` with `config.init_from` (built without it)."""
         check_init_from(self.config)
         self.state, _, _ = train_steps.create_train_state(
-            self.config, self.model, self.mesh, self._init_rng
+            self.config, self.model, self.mesh, self._init_rng, programs=self._state_programs
         )
         self.pretrained = True
 

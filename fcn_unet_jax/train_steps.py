@@ -10,6 +10,7 @@ padded global eval batch into metric counts (confusion matrix, Boundary IoU and 
 counts) summed over all devices.
 """
 
+import dataclasses
 import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -70,6 +71,41 @@ def initial_variables(
     return flax.core.unfreeze(model.init({'params': rng}, images, train=False))
 
 
+@dataclasses.dataclass(frozen=True)
+class StatePrograms:
+    """The optimiser and the jitted functions that make a run's initial train state.
+
+    Attributes:
+      tx: the optax optimiser of `config.optimizer`.
+      schedule: its learning-rate schedule.
+      init_variables: `rng -> variables`, the model's initial variables, replicated.
+      create_state: `variables -> TrainState` at step 0, replicated.
+    """
+
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    init_variables: Callable[[jax.Array], dict]
+    create_state: Callable[[dict], TrainState]
+
+
+def state_programs(
+    config: ml_collections.ConfigDict, model: flax.linen.Module, mesh: Mesh
+) -> StatePrograms:
+    """Builds the optimiser and the jitted initialisation of `model` over `mesh`."""
+    replicated = sharding.replicated_sharding(mesh)
+    key = jax.eval_shape(jax.random.key, 0)
+    abstract = jax.eval_shape(lambda r: initial_variables(model, config, r), key)
+    tx, schedule = optimizers.create_optimizer(config, abstract['params'])
+    return StatePrograms(
+        tx=tx,
+        schedule=schedule,
+        init_variables=jax.jit(
+            lambda r: initial_variables(model, config, r), out_shardings=replicated
+        ),
+        create_state=jax.jit(lambda v: TrainState.create(v, tx), out_shardings=replicated),
+    )
+
+
 def create_train_state(
     config: ml_collections.ConfigDict,
     model: flax.linen.Module,
@@ -77,6 +113,7 @@ def create_train_state(
     rng: jax.Array,
     *,
     pretrained: bool = True,
+    programs: StatePrograms | None = None,
 ) -> tuple[TrainState, optax.GradientTransformation, optax.Schedule]:
     """Initialises the replicated train state (and `config.init_from`, when set).
 
@@ -87,25 +124,22 @@ def create_train_state(
       rng: key for parameter initialisation.
       pretrained: load `config.init_from`; False where a checkpoint replaces the state
         anyway (a resumed run, an evaluation), so its file need not exist any more.
+      programs: `state_programs(config, model, mesh)` when already built (a run that
+        reuses an earlier run's programs); built here when None.
 
     Returns:
       (state, optimiser, learning-rate schedule).
     """
-    replicated = sharding.replicated_sharding(mesh)
-    abstract = jax.eval_shape(lambda r: initial_variables(model, config, r), rng)
-    tx, schedule = optimizers.create_optimizer(config, abstract['params'])
-
-    variables = jax.jit(lambda r: initial_variables(model, config, r), out_shardings=replicated)(
-        rng
-    )
+    programs = programs or state_programs(config, model, mesh)
+    variables = programs.init_variables(rng)
     if pretrained and config.init_from:
         from fcn_unet_jax import weights  # The weights importer; only needed here.
 
         host = jax.tree_util.tree_map(sharding.to_host, variables)
         merged = weights.initialize_from(config.init_from, host, config.model)
-        variables = sharding.replicate(merged, replicated)
-    state = jax.jit(lambda v: TrainState.create(v, tx), out_shardings=replicated)(variables)
-    return state, tx, schedule
+        variables = sharding.replicate(merged, sharding.replicated_sharding(mesh))
+    state = programs.create_state(variables)
+    return state, programs.tx, programs.schedule
 
 
 def train_step(

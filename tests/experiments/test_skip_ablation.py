@@ -16,7 +16,7 @@ import pytest
 
 from configs import default, skip_ablation_shapes
 from experiments import skip_ablation
-from fcn_unet_jax import train
+from fcn_unet_jax import run_programs, train
 from fcn_unet_jax import workdir as workdir_files
 
 pytestmark = pytest.mark.usefixtures('fast_compile')
@@ -220,7 +220,11 @@ def test_a_variant_trains_for_its_own_budget(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_sweep_writes_tables_plot_and_reuses_runs(base_config, tmp_path, monkeypatch):
     output = str(tmp_path)
+    built = []
+    build = run_programs.build
+    monkeypatch.setattr(run_programs, 'build', lambda *args: built.append(args) or build(*args))
     results = skip_ablation.run_sweep(base_config, 'unet', [0, 1], output, ['full', 'none'])
+    assert len(built) == 2  # Per variant: its second seed takes over the first's programs.
 
     assert list(results['variants']) == ['full', 'none'] and results['reference'] == 'full'
     for variant in results['variants'].values():
