@@ -37,8 +37,12 @@ Ignore label and eval padding: pixels with the ignore label (or outside `mask`) 
 counted. For the bands, an ignored pixel is a pixel of another label (VOC's 255 marks the
 object outlines, so the trimap follows them as DeepLab's does) and predictions on it still
 shape P; the eval padding (mask False) is treated like the outside of the image, so a
-padded image scores as the image alone. The bands are erosions and window maxima/minima
-(cumulative sums and `reduce_window`): everything runs inside the jitted eval step.
+padded image scores as the image alone. The bands are erosions and window maxima/minima:
+everything runs inside the jitted eval step. On CPU the Boundary IoU bands come from the
+window extremes of the label and prediction maps (a pixel is in its class's band iff its
+square holds another value), one map per image; elsewhere from box sums (cumulative sums)
+of each class's mask, C times the work, which is the form measured there. Both give the
+same counts.
 """
 
 from collections.abc import Mapping, Sequence
@@ -46,6 +50,8 @@ from collections.abc import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from fcn_unet_jax.ops.platform import on_cpu
 
 # Cheng et al.'s default: d = 2% of the image diagonal.
 BOUNDARY_DILATION_RATIO = 0.02
@@ -191,6 +197,10 @@ def boundary_iou_counts(
 ) -> tuple[jax.Array, jax.Array]:
     """Per-class Boundary IoU intersections and unions of a batch (see the module docstring).
 
+    Two exact forms of the same counts: on CPU `_boundary_counts_by_windows`, elsewhere
+    `_boundary_counts_by_box_sums` (the faster form is only measured on CPU; see
+    `ops/platform.py`).
+
     Args:
       labels: integer ground truth [B, H, W] (or one image [H, W]).
       preds: integer predictions, same shape.
@@ -204,14 +214,91 @@ def boundary_iou_counts(
     """
     labels, preds = _as_batch(labels).astype(jnp.int32), _as_batch(preds).astype(jnp.int32)
     area = jnp.ones(labels.shape, bool) if mask is None else _as_batch(mask).astype(bool)
+    # d of an image is at most that of the whole array; + 1 for float rounding at a .5.
+    max_radius = boundary_dilation(*labels.shape[1:], dilation_ratio) + 1
+    return on_cpu(
+        lambda *args: _boundary_counts_by_windows(*args, num_classes, ignore_label, max_radius),
+        lambda *args: _boundary_counts_by_box_sums(*args, num_classes, ignore_label),
+        labels,
+        preds,
+        area,
+        _image_dilation(area, dilation_ratio),
+    )
+
+
+def _boundary_counts_by_box_sums(
+    labels: jax.Array,
+    preds: jax.Array,
+    area: jax.Array,
+    radius: jax.Array,
+    num_classes: int,
+    ignore_label: int,
+) -> tuple[jax.Array, jax.Array]:
+    """`boundary_iou_counts` from each class mask's erosion, counted by box sums."""
     counted = area & (labels != ignore_label) & (labels >= 0) & (labels < num_classes)
-    radius = _image_dilation(area, dilation_ratio)
     classes = jnp.arange(num_classes)
     truth = _inner_band((labels[..., None] == classes) & area[..., None], radius)
     predicted = _inner_band((preds[..., None] == classes) & area[..., None], radius)
     counted = counted[..., None]
     intersection = (truth & predicted & counted).sum(axis=(0, 1, 2), dtype=jnp.int32)
     union = ((truth | predicted) & counted).sum(axis=(0, 1, 2), dtype=jnp.int32)
+    return intersection, union
+
+
+def _in_inner_band(values: jax.Array, radius: jax.Array, max_radius: int) -> jax.Array:
+    """Bool [B, H, W]: pixels whose square of radius d (their image's) holds another value or
+    leaves the array; `values` [B, H, W] int32, with -1 outside the image's area.
+
+    A pixel of class c is in the inner band of its class mask X iff its square is not
+    inside X: it reaches a pixel of another value (another label, the ignore label or -1
+    outside the area, where the square's max and min differ) or the array's edge. One label
+    map per image instead of one mask per class; the squares grow a pixel at a time to the
+    largest d, each image keeping the answer at its own d.
+    """
+    height, width = values.shape[1:]
+    r = radius[:, None, None]
+    high = low = values
+    impure = jnp.zeros(values.shape, bool)
+    for k in range(1, max_radius + 1):
+        high = _window_extreme(high, 1, maximum=True)
+        low = _window_extreme(low, 1, maximum=False)
+        impure = jnp.where(r == k, high != low, impure)
+    rows = jnp.arange(height)[None, :, None]
+    cols = jnp.arange(width)[None, None, :]
+    return impure | (rows < r) | (rows >= height - r) | (cols < r) | (cols >= width - r)
+
+
+def _boundary_counts_by_windows(
+    labels: jax.Array,
+    preds: jax.Array,
+    area: jax.Array,
+    radius: jax.Array,
+    num_classes: int,
+    ignore_label: int,
+    max_radius: int,
+) -> tuple[jax.Array, jax.Array]:
+    """`boundary_iou_counts` from the window extremes of the label and prediction maps.
+
+    A pixel lies in one class mask of each map (its label's, its prediction's), so the
+    band of that mask at the pixel is all there is to count: intersection_c counts pixels
+    labelled and predicted c in both bands, union_c the labelled-c pixels in the truth band
+    plus the predicted-c ones in the prediction band, less the intersection.
+    """
+    counted = area & (labels != ignore_label) & (labels >= 0) & (labels < num_classes)
+    truth = counted & _in_inner_band(jnp.where(area, labels, -1), radius, max_radius)
+    predicted = (
+        counted
+        & (preds >= 0)
+        & (preds < num_classes)
+        & _in_inner_band(jnp.where(area, preds, -1), radius, max_radius)
+    )
+
+    def per_class(where: jax.Array, classes: jax.Array) -> jax.Array:
+        index = jnp.where(where, classes, num_classes).ravel()  # C: not counted.
+        return jnp.bincount(index, length=num_classes + 1)[:num_classes].astype(jnp.int32)
+
+    intersection = per_class(truth & predicted & (labels == preds), labels)
+    union = per_class(truth, labels) + per_class(predicted, preds) - intersection
     return intersection, union
 
 

@@ -250,3 +250,39 @@ def test_boundary_scores_leave_out_classes_absent_from_both():
     assert np.isnan(result['per_class_boundary_iou'][2])
     np.testing.assert_allclose(result['boundary_iou'], (0.5 + 0.0) / 2)
     assert np.isnan(result['trimap_accuracy_3px'])  # An empty band.
+
+
+def test_both_boundary_count_forms_agree_per_image_radius_ignore_and_padding():
+    """CPU's window-extreme form equals the per-class box-sum form (other platforms') exactly:
+    images of different real sizes in one padded batch (so different d), ignored pixels,
+    predictions on padding, and an all-padding filler example."""
+    rng = np.random.default_rng(7)
+    num_classes, shape = 4, (4, 40, 36)
+    labels = np.stack(
+        [np.kron(rng.integers(0, num_classes, (8, 8)), np.ones((5, 5), int))[:40, :36]]
+        + [np.kron(rng.integers(0, num_classes, (14, 12)), np.ones((3, 3), int))[:40, :36]] * 3
+    )
+    labels[rng.random(shape) < 0.03] = 255
+    preds = np.where(rng.random(shape) < 0.1, rng.integers(0, num_classes, shape), labels % 4)
+    mask = np.zeros(shape, bool)
+    for index, (height, width) in enumerate([(40, 36), (25, 30), (10, 12), (0, 0)]):
+        mask[index, :height, :width] = True
+    labels = np.where(mask, labels, 255)
+    radius = metrics._image_dilation(jnp.asarray(mask), 0.1)
+    np.testing.assert_array_equal(radius, [5, 4, 2, 1])
+    args = (jnp.asarray(labels), jnp.asarray(preds), jnp.asarray(mask), radius, num_classes, 255)
+    by_windows = metrics._boundary_counts_by_windows(*args, max_radius=6)
+    by_box_sums = metrics._boundary_counts_by_box_sums(*args)
+    assert by_box_sums[1].sum() > by_box_sums[0].sum() > 0
+    for windows, box_sums in zip(by_windows, by_box_sums, strict=True):
+        np.testing.assert_array_equal(windows, box_sums)
+
+
+def test_boundary_counts_lower_to_the_box_sum_form_off_cpu():
+    """A TPU program counts with the box sums (cumulative sums), a CPU one with windows."""
+    count = jax.jit(lambda labels, preds: metrics.boundary_iou_counts(labels, preds, 3))
+    labels = jnp.zeros((1, 16, 16), jnp.int32)
+    tpu = count.trace(labels, labels).lower(lowering_platforms=('tpu',)).as_text()
+    cpu = count.lower(labels, labels).as_text()
+    assert 'gather' in tpu and 'cumsum' in tpu
+    assert 'gather' not in cpu and 'cumsum' not in cpu and 'reduce_window' in cpu

@@ -17,6 +17,7 @@ PROGRAMS = {
     'conv_benchmark': '--table',
     'device_throughput': '--dtypes',
     'input_pipeline_benchmark': '--steps',
+    'metrics_benchmark': '--num_classes',
     'model_benchmark': '--models',
     'profile_train_step': '--timed_steps',
 }
@@ -41,6 +42,7 @@ def test_asking_a_benchmark_for_help_succeeds(module):
         ('aot_compile', [], 'error: --config is required (or --table).'),
         ('conv_benchmark', ['--tabel=winograd'], "error: Unknown command line flag 'tabel'"),
         ('model_benchmark', ['--models=fcn99'], "error: Unknown --models ['fcn99']"),
+        ('metrics_benchmark', ['--num_classes=1'], 'error: --num_classes=1: expected at least 2'),
     ],
 )
 def test_bad_benchmark_input_is_one_error_line(module, args, message):
@@ -49,3 +51,19 @@ def test_bad_benchmark_input_is_one_error_line(module, args, message):
     assert 'Traceback' not in process.stderr
     error_lines = [line for line in process.stderr.splitlines() if line.startswith('error: ')]
     assert len(error_lines) == 1 and error_lines[0].startswith(message), process.stderr
+
+
+def test_the_metrics_benchmark_times_both_boundary_forms():
+    process = _run(
+        'metrics_benchmark', '--batch_size=2', '--size=24', '--num_classes=3', '--repeats=1'
+    )
+    assert process.returncode == 0, process.stderr
+    rows = [line for line in process.stdout.splitlines() if line.startswith('| ')]
+    assert [row.split('|')[1].strip() for row in rows[2:]] == [
+        'all counts (segmentation_counts)',
+        'Boundary IoU, window extremes (CPU)',
+        'Boundary IoU, box sums (elsewhere)',
+        'trimap bands',
+        'confusion matrix',
+    ]
+    assert all(float(row.split('|')[2]) >= 0 for row in rows[2:])
