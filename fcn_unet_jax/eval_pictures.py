@@ -42,12 +42,12 @@ def jit_predict(
 class EvalPictures:
     """Renders and writes the pictures of an evaluation of a `train.Trainer`'s state.
 
-    The examples are read once, at the first `write`.
+    The examples are read once, at the first `write`. `predict` is the trainer's
+    `jit_predict` program (built here when None; a sweep's runs share theirs, see
+    `run_programs.py`).
     """
 
     def __init__(self, trainer: Any, predict: Callable[[Any, jax.Array], jax.Array] | None = None):
-        """`predict`: `jit_predict(trainer.model, trainer.config, trainer.mesh)`, built here
-        when None."""
         self._trainer = trainer
         self._count = trainer.config.eval.tensorboard_images
         self._examples: dict[str, np.ndarray] | None = None
