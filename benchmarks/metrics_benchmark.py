@@ -56,11 +56,11 @@ def main(argv: list[str]) -> None:
         ),
         'Boundary IoU, window extremes (CPU)': lambda labels, preds, mask, radius: (
             metrics._boundary_counts_by_windows(
-                labels, preds, mask, radius, num_classes, 255, max_radius
+                labels, preds, mask, mask, radius, num_classes, max_radius
             )
         ),
         'Boundary IoU, box sums (elsewhere)': lambda labels, preds, mask, radius: (
-            metrics._boundary_counts_by_box_sums(labels, preds, mask, radius, num_classes, 255)
+            metrics._boundary_counts_by_box_sums(labels, preds, mask, mask, radius, num_classes)
         ),
         'trimap bands': lambda labels, preds, mask, radius: metrics.trimap_bands(
             labels, metrics.TRIMAP_WIDTHS, mask

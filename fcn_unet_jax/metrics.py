@@ -216,12 +216,14 @@ def boundary_iou_counts(
     area = jnp.ones(labels.shape, bool) if mask is None else _as_batch(mask).astype(bool)
     # d of an image is at most that of the whole array; + 1 for float rounding at a .5.
     max_radius = boundary_dilation(*labels.shape[1:], dilation_ratio) + 1
+    counted = area & (labels != ignore_label) & (labels >= 0) & (labels < num_classes)
     return on_cpu(
-        lambda *args: _boundary_counts_by_windows(*args, num_classes, ignore_label, max_radius),
-        lambda *args: _boundary_counts_by_box_sums(*args, num_classes, ignore_label),
+        lambda *args: _boundary_counts_by_windows(*args, num_classes, max_radius),
+        lambda *args: _boundary_counts_by_box_sums(*args, num_classes),
         labels,
         preds,
         area,
+        counted,
         _image_dilation(area, dilation_ratio),
     )
 
@@ -230,12 +232,15 @@ def _boundary_counts_by_box_sums(
     labels: jax.Array,
     preds: jax.Array,
     area: jax.Array,
+    counted: jax.Array,
     radius: jax.Array,
     num_classes: int,
-    ignore_label: int,
 ) -> tuple[jax.Array, jax.Array]:
-    """`boundary_iou_counts` from each class mask's erosion, counted by box sums."""
-    counted = area & (labels != ignore_label) & (labels >= 0) & (labels < num_classes)
+    """`boundary_iou_counts` from each class mask's erosion, counted by box sums.
+
+    `area`: the images' real pixels; `counted`: those with a label in [0, C) that is not
+    the ignore label; `radius`: each image's d.
+    """
     classes = jnp.arange(num_classes)
     truth = _inner_band((labels[..., None] == classes) & area[..., None], radius)
     predicted = _inner_band((preds[..., None] == classes) & area[..., None], radius)
@@ -272,9 +277,9 @@ def _boundary_counts_by_windows(
     labels: jax.Array,
     preds: jax.Array,
     area: jax.Array,
+    counted: jax.Array,
     radius: jax.Array,
     num_classes: int,
-    ignore_label: int,
     max_radius: int,
 ) -> tuple[jax.Array, jax.Array]:
     """`boundary_iou_counts` from the window extremes of the label and prediction maps.
@@ -284,7 +289,6 @@ def _boundary_counts_by_windows(
     labelled and predicted c in both bands, union_c the labelled-c pixels in the truth band
     plus the predicted-c ones in the prediction band, less the intersection.
     """
-    counted = area & (labels != ignore_label) & (labels >= 0) & (labels < num_classes)
     truth = counted & _in_inner_band(jnp.where(area, labels, -1), radius, max_radius)
     predicted = (
         counted

@@ -268,9 +268,11 @@ def test_both_boundary_count_forms_agree_per_image_radius_ignore_and_padding():
     for index, (height, width) in enumerate([(40, 36), (25, 30), (10, 12), (0, 0)]):
         mask[index, :height, :width] = True
     labels = np.where(mask, labels, 255)
-    radius = metrics._image_dilation(jnp.asarray(mask), 0.1)
+    labels, preds, mask = jnp.asarray(labels), jnp.asarray(preds), jnp.asarray(mask)
+    radius = metrics._image_dilation(mask, 0.1)
     np.testing.assert_array_equal(radius, [5, 4, 2, 1])
-    args = (jnp.asarray(labels), jnp.asarray(preds), jnp.asarray(mask), radius, num_classes, 255)
+    counted = mask & (labels < num_classes)
+    args = (labels, preds, mask, counted, radius, num_classes)
     by_windows = metrics._boundary_counts_by_windows(*args, max_radius=6)
     by_box_sums = metrics._boundary_counts_by_box_sums(*args)
     assert by_box_sums[1].sum() > by_box_sums[0].sum() > 0
