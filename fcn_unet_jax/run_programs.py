@@ -4,9 +4,8 @@ A `train.Trainer` runs five jitted programs: the model's initialisation, the tra
 creation, the train step, the eval step and the predictions for TensorBoard's pictures.
 `build` makes them for one config. JAX keeps each function's compiled executables in
 memory, but only for that function object: a new run with new functions traces and lowers
-every program again, and loads it from the persistent compilation cache at best (about 4 s
-per run of the skip ablation's models on 2 CPU cores, for programs whose steps take
-100-200 ms).
+every program again, and loads it from the persistent compilation cache at best: 2 to 7 s
+per run of the skip ablation's U-Net on 2 CPU cores (docs/performance.md).
 
 Runs of a sweep (`experiments/skip_ablation.py`) differ in their seed, which reaches the
 programs only as a runtime value (the keys). Inside `reuse_across_runs()`, `programs_for`
