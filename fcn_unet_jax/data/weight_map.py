@@ -6,7 +6,12 @@ w_c balances the class frequencies, d1 and d2 are the distances to the nearest a
 second-nearest object. The border term makes the thin background gaps between touching
 objects expensive to get wrong, which is what teaches the network to separate them. The
 input pipeline calls `border_weight_map` on each augmented crop through
-`tf.numpy_function`.
+`tf.numpy_function`, so its CPU time is taken from the train step's cores: the
+distances are kept as integer squared distances while the two nearest objects are
+found, and the square root and the exponential run only on the pixels that get a border
+term. That gives the values of a distance transform per object to the last bit: the
+squared distances are exact integers either way, the square root is correctly rounded
+and monotonic, so it commutes with taking the two smallest.
 """
 
 from collections.abc import Sequence
@@ -35,10 +40,11 @@ def _objects(
         return objects, int(objects.max())
     objects = np.zeros(label.shape, np.int32)
     count = 0
-    foreground = np.unique(label[(label != 0) & (label != ignore_label)])
-    for value in foreground:
+    for value in np.flatnonzero(np.bincount(label.ravel())):
+        if value in (0, ignore_label):
+            continue
         components, n = ndimage.label(label == value)
-        objects[components > 0] = components[components > 0] + count
+        np.add(components, count, out=objects, where=components > 0)
         count += n
     return objects, count
 
@@ -77,16 +83,20 @@ def border_weight_map(
     if label.ndim != 2:
         raise ValueError(f'label must be [H, W] or [H, W, 1], got shape {shape}.')
     label = label.astype(np.int64)
+    if label.size and label.min() < 0:
+        raise ValueError(f'label holds {label.min()}: class indices are 0 or more.')
     valid = label != ignore_label
     weights = np.zeros(label.shape, np.float64)
     if not valid.any():
         return weights.astype(np.float32).reshape(shape)
 
     if class_weights is None:
-        classes, counts = np.unique(label[valid], return_counts=True)
+        counts = np.bincount(label[valid])
+        present = counts > 0
         # 1 / (K f_c): each present class gets the same total weight, mean over pixels is 1.
-        per_class = counts.sum() / (len(classes) * counts)
-        weights[valid] = per_class[np.searchsorted(classes, label[valid])]
+        per_class = np.zeros(len(counts), np.float64)
+        per_class[present] = counts[present].sum() / (np.count_nonzero(present) * counts[present])
+        weights[valid] = per_class[label[valid]]
     else:
         table = np.asarray(class_weights, np.float64)
         if label[valid].max() >= len(table):
@@ -96,8 +106,12 @@ def border_weight_map(
     objects, count = _objects(label, instances, ignore_label)
     if count >= 2 and w0 > 0:
         margin = int(np.ceil(sigma * np.sqrt(-2.0 * np.log(_NEGLIGIBLE)))) + 1
-        d1 = np.full(label.shape, np.inf)
-        d2 = np.full(label.shape, np.inf)
+        # Squared distances to the nearest and the second-nearest object; `far` = none yet.
+        # int32 (half the memory traffic of int64) holds them below 32,768 px a side.
+        dtype = np.int32 if 2 * max(label.shape) ** 2 < np.iinfo(np.int32).max else np.int64
+        far = np.iinfo(dtype).max
+        near = np.full(label.shape, far, dtype)
+        second = np.full(label.shape, far, dtype)
         for index, box in enumerate(ndimage.find_objects(objects), start=1):
             if box is None:
                 continue
@@ -105,11 +119,23 @@ def border_weight_map(
                 slice(max(s.start - margin, 0), min(s.stop + margin, n))
                 for s, n in zip(box, label.shape, strict=True)
             )
-            distance = ndimage.distance_transform_edt(objects[window] != index)
-            near, second = d1[window], d2[window]
-            d2[window] = np.minimum(second, np.maximum(near, distance))
-            d1[window] = np.minimum(near, distance)
-        background = valid & (objects == 0) & (label == 0)
-        border = w0 * np.exp(-((d1 + d2) ** 2) / (2.0 * sigma**2))
-        weights[background] += border[background]
+            squared = _squared_distances(objects[window] != index, dtype)
+            near_w, second_w = near[window], second[window]  # Views: updated in place.
+            np.minimum(second_w, np.maximum(near_w, squared), out=second_w)
+            np.minimum(near_w, squared, out=near_w)
+        # Where a second object is in reach; elsewhere the term is exp(-inf) = 0.
+        border = valid & (objects == 0) & (label == 0) & (second < far)
+        d1 = np.sqrt(near[border].astype(np.float64))
+        d2 = np.sqrt(second[border].astype(np.float64))
+        weights[border] += w0 * np.exp(-((d1 + d2) ** 2) / (2.0 * sigma**2))
     return weights.astype(np.float32).reshape(shape)
+
+
+def _squared_distances(outside: np.ndarray, dtype: type) -> np.ndarray:
+    """Integer squared Euclidean distance from each pixel to the nearest False pixel."""
+    nearest = ndimage.distance_transform_edt(
+        outside, return_distances=False, return_indices=True
+    ).astype(dtype, copy=False)
+    rows = np.arange(outside.shape[0], dtype=dtype)[:, None]
+    columns = np.arange(outside.shape[1], dtype=dtype)[None, :]
+    return (nearest[0] - rows) ** 2 + (nearest[1] - columns) ** 2

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from fcn_unet_jax.data.weight_map import border_weight_map
+from fcn_unet_jax.data.weight_map import _squared_distances, border_weight_map
 
 
 def _two_squares(gap: int) -> np.ndarray:
@@ -88,3 +88,56 @@ def test_matches_brute_force_on_random_blobs():
 def test_keeps_a_channel_axis():
     label = _two_squares(gap=3)[..., None]
     assert border_weight_map(label).shape == label.shape
+
+
+def _per_object_reference(label, class_weights, w0=10.0, sigma=5.0):
+    """The map from one float distance transform per object, over the same windows."""
+    objects, count = ndimage.label(label == 1)
+    margin = int(np.ceil(sigma * np.sqrt(-2.0 * np.log(1e-6)))) + 1
+    d1 = np.full(label.shape, np.inf)
+    d2 = np.full(label.shape, np.inf)
+    for index, box in enumerate(ndimage.find_objects(objects), start=1):
+        window = tuple(
+            slice(max(s.start - margin, 0), min(s.stop + margin, n))
+            for s, n in zip(box, label.shape, strict=True)
+        )
+        distance = ndimage.distance_transform_edt(objects[window] != index)
+        d2[window] = np.minimum(d2[window], np.maximum(d1[window], distance))
+        d1[window] = np.minimum(d1[window], distance)
+    weights = np.where(label == 255, 0.0, np.asarray(class_weights)[np.minimum(label, 1)])
+    background = label == 0
+    border = w0 * np.exp(-((d1 + d2) ** 2) / (2.0 * sigma**2))
+    weights[background] += border[background]
+    return weights.astype(np.float32)
+
+
+@pytest.mark.parametrize('seed', range(4))
+def test_equals_a_distance_transform_per_object_to_the_last_bit(seed):
+    # Integer squared distances, rooted only where a border term is added, must give the
+    # float per-object transform's weights exactly, not just closely: a changed bit changes
+    # the training run.
+    rng = np.random.default_rng(seed)
+    label = (ndimage.gaussian_filter(rng.normal(size=(90, 120)), 2.5) > 0.15).astype(np.uint8)
+    label[rng.random(label.shape) < 0.02] = 255
+    class_weights = [0.7, 1.9]
+    weights = border_weight_map(label, class_weights=class_weights)
+    expected = _per_object_reference(label, class_weights)
+    assert ndimage.label(label == 1)[1] >= 20
+    np.testing.assert_array_equal(weights.view(np.uint32), expected.view(np.uint32))
+
+
+def test_squared_distances_agree_in_both_integer_widths():
+    outside = np.ones((40, 50), bool)
+    outside[10:14, 30:33] = False
+    outside[35, 2] = False
+    narrow = _squared_distances(outside, np.int32)
+    wide = _squared_distances(outside, np.int64)
+    np.testing.assert_array_equal(narrow, wide)
+    np.testing.assert_array_equal(np.sqrt(wide), ndimage.distance_transform_edt(outside))
+
+
+def test_negative_label_is_refused():
+    label = _two_squares(gap=3).astype(np.int32)
+    label[0, 0] = -1
+    with pytest.raises(ValueError, match='label holds -1'):
+        border_weight_map(label)
