@@ -327,21 +327,10 @@ def train_dataset(
             pad_value=pad_value,
             ignore_label=ignore_label,
         )
-        label = mask[..., 0]
-        features = {
+        return {
             'image': augment.normalize(image, normalization, config.model.input_channels),
-            'label': label,
+            'label': mask[..., 0],
         }
-        if config.input.border_weights:
-            weight_fn = functools.partial(
-                border_weight_map,
-                w0=config.input.border_w0,
-                sigma=config.input.border_sigma,
-                ignore_label=ignore_label,
-            )
-            weight = tf.numpy_function(weight_fn, [label], tf.float32, stateful=False)
-            features['weight'] = tf.ensure_shape(weight, crop_size)
-        return features
 
     first = start_step * local_batch
     ds = tf.data.Dataset.range(first, np.iinfo(np.int64).max).map(sample)
@@ -368,8 +357,35 @@ def train_dataset(
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=True,
         )
-    ds = ds.batch(local_batch, drop_remainder=True).prefetch(config.input.prefetch)
+    ds = ds.batch(local_batch, drop_remainder=True)
+    if config.input.border_weights:
+        weight_maps = functools.partial(
+            _border_weight_maps,
+            w0=config.input.border_w0,
+            sigma=config.input.border_sigma,
+            ignore_label=ignore_label,
+        )
+        ds = ds.map(
+            lambda batch: {**batch, 'weight': _numpy_batch_map(weight_maps, batch['label'])}
+        )
+    ds = ds.prefetch(config.input.prefetch)
     return _without_autotuning(ds)
+
+
+def _border_weight_maps(labels: np.ndarray, **kwargs) -> np.ndarray:
+    """The border weight map of each label map of a `[b, H, W]` batch."""
+    return np.stack([border_weight_map(label, **kwargs) for label in labels])
+
+
+def _numpy_batch_map(fn, labels: tf.Tensor) -> tf.Tensor:
+    """`fn` on a batch of label maps, through one `tf.numpy_function` call per batch.
+
+    One call per batch rather than per crop: each call hands the GIL between TensorFlow's
+    threads and Python, which cost the U-Net pipeline about 4 ms of CPU per batch of 8
+    (docs/performance.md), taken from the train step's cores.
+    """
+    weights = tf.numpy_function(fn, [labels], tf.float32, stateful=False)
+    return tf.ensure_shape(weights, labels.shape)
 
 
 def _image_size(record: bytes) -> tuple[int, int]:

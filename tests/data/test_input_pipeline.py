@@ -15,7 +15,7 @@ import tensorflow_datasets as tfds
 
 from configs import default
 from fcn_unet_jax import errors
-from fcn_unet_jax.data import builders, decoded_cache, input_pipeline
+from fcn_unet_jax.data import builders, decoded_cache, input_pipeline, weight_map
 
 TRAIN_SPLIT = 'train[:20]'
 EVAL_SPLIT = 'validation[:13]'
@@ -94,6 +94,12 @@ def test_train_batches(data_dir):
     assert (batch['label'] == 255).any()  # Scale 0.5 leaves padding in some crops.
     assert (batch['weight'][batch['label'] == 255] == 0).all()
     assert (batch['weight'][batch['label'] != 255] > 0).all()
+    # The weights, computed once per batch, are each crop's own map.
+    for label, weight in zip(batch['label'], batch['weight'], strict=True):
+        expected = weight_map.border_weight_map(
+            label, w0=config.input.border_w0, sigma=config.input.border_sigma
+        )
+        np.testing.assert_array_equal(weight, expected)
     # 'unit' normalisation for the classic U-Net; padding is 0.
     assert batch['image'].min() >= 0 and batch['image'].max() <= 1
 
