@@ -13,6 +13,12 @@ train step, so its CPU time, not its rate alone, is what it costs the step.
 
     python -m benchmarks.input_pipeline_benchmark [--crop_sizes=320,512] [--steps=20] \
         [--border_weights] [--compare_autotuning] [--compare_cache]
+
+`--config` times a config's own train pipeline instead, on its dataset (prepared first if
+needed), as its training runs would read it; the skip ablation's, for example:
+
+    python -m benchmarks.input_pipeline_benchmark \
+        --config=configs/skip_ablation_shapes.py:unet --steps=200
 """
 
 import os
@@ -26,7 +32,7 @@ from absl import app, flags
 from PIL import Image
 
 from configs import default
-from fcn_unet_jax import errors
+from fcn_unet_jax import config_files, errors
 from fcn_unet_jax.data import builders, input_pipeline
 
 FLAGS = flags.FLAGS
@@ -42,6 +48,9 @@ flags.DEFINE_bool(
     'compare_cache', False, 'Also time each configuration with the decoded split in memory.'
 )
 flags.DEFINE_string('workdir', None, 'Where to write the data; default: a temporary folder.')
+config_files.define_config_flag(
+    help_string="Time this config's own train pipeline instead (a file or a name)."
+)
 
 _NUM_CLASSES = 21
 
@@ -88,8 +97,25 @@ def _rate_and_cpu(config, steps: int, autotuning: bool) -> tuple[float, float]:
     return steps * config.batch_size / seconds, 1000 * cpu_seconds / steps
 
 
+def _time_config(config, steps: int) -> None:
+    """Prints one row for `config`'s own train pipeline."""
+    builders.prepare(config.dataset)
+    rate, cpu = _rate_and_cpu(config, steps, autotuning=False)
+    crop = 'x'.join(str(c) for c in config.input.crop_size)
+    print(f'\n{config.dataset.name}, batch {config.batch_size}, {os.cpu_count()} CPUs\n')
+    print('| crop | border weights | decoded cache | examples/s | CPU ms/batch |')
+    print('| ---: | :---: | :---: | ---: | ---: |')
+    print(
+        f'| {crop} | {bool(config.input.get("border_weights"))} | '
+        f'{"yes" if config.input.get("cache_decoded") else "no"} | {rate:.1f} | {cpu:.1f} |'
+    )
+
+
 def main(argv):
     del argv
+    if FLAGS.config is not None:
+        _time_config(FLAGS.config, FLAGS.steps)
+        return
     workdir = FLAGS.workdir or tempfile.mkdtemp(prefix='input_pipeline_benchmark_')
     root = os.path.join(workdir, 'voc_like')
     if not os.path.isdir(root):

@@ -44,9 +44,9 @@ spread.
   1,200-step runs end at 0.561 +- 0.013 against 0.504 +- 0.044 at 600 (every seed
   higher, by 0.010 to 0.127), and their mean moves by 0.008 from step 800 to 1,200.
 
-The sweeps take about 65 minutes of an idle 2-core CPU together, not quite the hour aimed
-at: 30 minutes for the FCN (1,200-step runs of 99 to 160 s), 35 for the U-Net (800-step
-runs of 119 to 196 s, timed before the compiled programs were shared by a variant's seeds).
+The sweeps take under an hour of an idle 2-core CPU together: 58 minutes on an AMD EPYC
+(Zen 4), 26 for the FCN (1,200-step runs of 94 to 114 s) and 32 for the U-Net (800-step
+runs of 111 to 167 s); docs/replication.md has the Intel Xeon's times.
 
     python -m experiments.skip_ablation --family=fcn --config=configs/skip_ablation_shapes.py:fcn \
         --variants=32s,16s,8s --seeds=0,1,2,3,4 --output=workdirs/ablation_fcn

@@ -5,8 +5,8 @@
 w_c balances the class frequencies, d1 and d2 are the distances to the nearest and the
 second-nearest object. The border term makes the thin background gaps between touching
 objects expensive to get wrong, which is what teaches the network to separate them. The
-input pipeline calls `border_weight_map` on each augmented crop through
-`tf.numpy_function`, so its CPU time is taken from the train step's cores: the
+input pipeline calls `border_weight_map` on each augmented crop (one `tf.numpy_function`
+call per batch), so its CPU time is taken from the train step's cores: the
 distances are kept as integer squared distances while the two nearest objects are
 found, and the square root and the exponential run only on the pixels that get a border
 term. That gives the values of a distance transform per object to the last bit: the

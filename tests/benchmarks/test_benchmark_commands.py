@@ -67,3 +67,24 @@ def test_the_metrics_benchmark_times_both_boundary_forms():
         'confusion matrix',
     ]
     assert all(float(row.split('|')[2]) >= 0 for row in rows[2:])
+
+
+def test_the_pipeline_benchmark_times_a_configs_own_pipeline(shapes_small_data_dir):
+    process = _run(
+        'input_pipeline_benchmark',
+        f'--config={ROOT}/configs/default.py',
+        '--config.dataset.name=shapes/small',
+        f'--config.dataset.data_dir={shapes_small_data_dir}',
+        '--config.dataset.train_split=train[:16]',
+        '--config.input.crop_size=(32, 32)',
+        '--config.input.border_weights=True',
+        '--config.input.cache_decoded=True',
+        '--config.batch_size=4',
+        '--steps=3',
+    )
+    assert process.returncode == 0, process.stderr
+    rows = [line for line in process.stdout.splitlines() if line.startswith('| ')]
+    assert len(rows) == 3  # Header, rule and the config's row.
+    crop, weights, cache, rate, cpu = (cell.strip() for cell in rows[2].strip('|').split('|'))
+    assert (crop, weights, cache) == ('32x32', 'True', 'yes')
+    assert float(rate) > 0 and float(cpu) >= 0
