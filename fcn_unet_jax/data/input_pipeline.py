@@ -359,33 +359,31 @@ def train_dataset(
         )
     ds = ds.batch(local_batch, drop_remainder=True)
     if config.input.border_weights:
-        weight_maps = functools.partial(
-            _border_weight_maps,
-            w0=config.input.border_w0,
-            sigma=config.input.border_sigma,
-            ignore_label=ignore_label,
-        )
         ds = ds.map(
-            lambda batch: {**batch, 'weight': _numpy_batch_map(weight_maps, batch['label'])}
+            functools.partial(
+                _with_border_weights,
+                w0=config.input.border_w0,
+                sigma=config.input.border_sigma,
+                ignore_label=ignore_label,
+            )
         )
     ds = ds.prefetch(config.input.prefetch)
     return _without_autotuning(ds)
 
 
-def _border_weight_maps(labels: np.ndarray, **kwargs) -> np.ndarray:
-    """The border weight map of each label map of a `[b, H, W]` batch."""
-    return np.stack([border_weight_map(label, **kwargs) for label in labels])
+def _with_border_weights(batch: dict[str, tf.Tensor], **kwargs) -> dict[str, tf.Tensor]:
+    """Adds `weight`, the border weight map of each label map of the batch.
 
-
-def _numpy_batch_map(fn, labels: tf.Tensor) -> tf.Tensor:
-    """`fn` on a batch of label maps, through one `tf.numpy_function` call per batch.
-
-    One call per batch rather than per crop: each call hands the GIL between TensorFlow's
-    threads and Python, which cost the U-Net pipeline about 4 ms of CPU per batch of 8
-    (docs/performance.md), taken from the train step's cores.
+    One `tf.numpy_function` call per batch rather than per crop: each call hands the GIL
+    between TensorFlow's threads and Python, which cost the U-Net pipeline about 4 ms of
+    CPU per batch of 8 (docs/performance.md), taken from the train step's cores.
     """
-    weights = tf.numpy_function(fn, [labels], tf.float32, stateful=False)
-    return tf.ensure_shape(weights, labels.shape)
+
+    def weight_maps(labels: np.ndarray) -> np.ndarray:
+        return np.stack([border_weight_map(label, **kwargs) for label in labels])
+
+    weights = tf.numpy_function(weight_maps, [batch['label']], tf.float32, stateful=False)
+    return {**batch, 'weight': tf.ensure_shape(weights, batch['label'].shape)}
 
 
 def _image_size(record: bytes) -> tuple[int, int]:
